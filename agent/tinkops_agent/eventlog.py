@@ -1,0 +1,98 @@
+"""Reading and appending to a workflow ref: one event, one commit."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import yaml
+
+from tinkops_agent.gitrepo import GitRepo, Identity, TreeEntry
+from tinkops_agent.protocol import (
+    EPHEMERAL_DIR,
+    STATE_FILE,
+    WORKFLOW_FILE,
+    Event,
+    ProtocolError,
+    Workflow,
+    WorkflowStatus,
+    format_event_message,
+    parse_event_message,
+)
+
+
+def utc_now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def new_event_id() -> str:
+    return uuid.uuid4().hex
+
+
+@dataclass(frozen=True)
+class WorkflowHead:
+    """A workflow read at one commit of its ref."""
+
+    commit: str
+    workflow: Workflow
+    status: WorkflowStatus
+
+
+def read_head(repo: GitRepo, commit: str) -> WorkflowHead:
+    """Read the definition and state stored at ``commit`` of a workflow ref."""
+    definition = repo.read_file(commit, WORKFLOW_FILE)
+    state = repo.read_file(commit, STATE_FILE)
+    if definition is None or state is None:
+        raise ProtocolError(f"commit {commit[:12]} holds no {WORKFLOW_FILE} or {STATE_FILE}")
+    try:
+        data = yaml.safe_load(definition.decode())
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        raise ProtocolError(f"{WORKFLOW_FILE} at {commit[:12]} is unreadable: {error}") from error
+    # The definition is written with quoted strings, so safe_load keeps values as text.
+    return WorkflowHead(commit, Workflow.from_dict(data), WorkflowStatus.from_json(state))
+
+
+def read_ephemeral(repo: GitRepo, commit: str) -> dict[str, bytes]:
+    """Return every ephemeral data file at ``commit``, by its path under /workflow."""
+    files = repo.list_files(commit, EPHEMERAL_DIR)
+    blobs = repo.read_blobs(list(files.values()))
+    prefix = EPHEMERAL_DIR + "/"
+    return {path[len(prefix) :]: blobs[sha] for path, sha in files.items()}
+
+
+def append_event(
+    repo: GitRepo,
+    parent: str,
+    status: WorkflowStatus,
+    event: Event,
+    identity: Identity,
+    ephemeral: Mapping[str, bytes] | None = None,
+) -> str:
+    """Write the commit recording ``event`` on top of ``parent`` and return its id.
+
+    ``ephemeral`` replaces the whole ephemeral data folder; None keeps the parent's.
+    No ref moves here: the caller publishes the commit with a compare-and-swap.
+    """
+    replacements: dict[str, TreeEntry | None] = {
+        STATE_FILE: TreeEntry("100644", "blob", repo.write_blob(status.to_json().encode())),
+    }
+    if ephemeral is not None:
+        if ephemeral:
+            tree = repo.write_tree({f"{name}": data for name, data in ephemeral.items()})
+            replacements[EPHEMERAL_DIR] = TreeEntry("040000", "tree", tree)
+        else:
+            replacements[EPHEMERAL_DIR] = None
+    root = repo.write_root(parent, replacements)
+    return repo.commit_tree(root, [parent], format_event_message(event), identity)
+
+
+def read_events(repo: GitRepo, ref: str) -> list[tuple[str, Event]]:
+    """Return ``(commit, event)`` for every event on a workflow ref, oldest first."""
+    events = []
+    for entry in repo.log(ref, reverse=True):
+        event = parse_event_message(entry.message)
+        if event is not None:
+            events.append((entry.commit, event))
+    return events

@@ -1,0 +1,257 @@
+"""The reconciler: renders each new request on the main branch into an immutable workflow.
+
+One pass observes (the main branch's tip, the rendered workflow refs), plans (which requests
+need a workflow, pure), and applies (one commit and one atomic ref transaction per workflow).
+Every write is a compare-and-swap, so a pass killed at any point leaves either no trace of a
+workflow or all of it, and the next pass picks up where it stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tinkops.errors import InvalidContent, Problem
+from tinkops.planner import plan_workflow
+from tinkops.repository import SnapshotReader
+from tinkops.workflows import (
+    RECONCILER,
+    ensure_queue_refs,
+    list_workflow_ids,
+    publish_workflow,
+    write_workflow_commit,
+)
+from tinkops.yamltext import dump
+from tinkops_agent.eventlog import read_head
+from tinkops_agent.gitrepo import GitRepo, TreeEntry
+from tinkops_agent.protocol import STATUS_REF
+
+log = logging.getLogger(__name__)
+
+STATUS_FILE = "status.yaml"
+
+
+def precise_now() -> str:
+    """Return the current UTC time with microseconds; workflows are queued in this order."""
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+@dataclass
+class ReconcilerStatus:
+    """What the reconciler last did, stored on ``refs/tinkops/status`` as ``status.yaml``."""
+
+    branch: str
+    reconciled_commit: str | None = None
+    updated_at: str = ""
+    invalid_files: dict[str, list[str]] = field(default_factory=dict)
+    failed_requests: dict[str, list[str]] = field(default_factory=dict)
+
+    def to_yaml(self) -> str:
+        return dump(
+            {
+                "branch": self.branch,
+                "reconciled_commit": self.reconciled_commit,
+                "updated_at": self.updated_at,
+                "invalid_files": self.invalid_files,
+                "failed_requests": self.failed_requests,
+            }
+        )
+
+    @classmethod
+    def from_yaml(cls, text: str, branch: str) -> ReconcilerStatus:
+        data: dict[str, Any] = yaml.safe_load(text) or {}
+        return cls(
+            branch=str(data.get("branch") or branch),
+            reconciled_commit=data.get("reconciled_commit"),
+            updated_at=str(data.get("updated_at") or ""),
+            invalid_files={str(k): list(v) for k, v in (data.get("invalid_files") or {}).items()},
+            failed_requests={
+                str(k): list(v) for k, v in (data.get("failed_requests") or {}).items()
+            },
+        )
+
+
+@dataclass(frozen=True)
+class PassResult:
+    commit: str | None
+    created: tuple[str, ...] = ()
+    failed: dict[str, list[str]] = field(default_factory=dict)
+
+
+def read_status(repo: GitRepo, branch: str) -> ReconcilerStatus:
+    commit = repo.rev_parse(STATUS_REF)
+    text = repo.read_file(commit, STATUS_FILE) if commit else None
+    if text is None:
+        return ReconcilerStatus(branch=branch)
+    return ReconcilerStatus.from_yaml(text.decode(), branch)
+
+
+class Reconciler:
+    """Renders requests of ``branch`` in the bare repository ``repo``."""
+
+    def __init__(
+        self, repo: GitRepo, branch: str = "main", clock: Callable[[], str] = precise_now
+    ) -> None:
+        self.repo = repo
+        self.branch = branch
+        self.clock = clock
+        self.reader = SnapshotReader(repo)
+        self._lock = threading.Lock()
+
+    def reconcile(self) -> PassResult:
+        """Run one pass; safe to call from several threads (passes run one at a time)."""
+        with self._lock:
+            return self._pass()
+
+    def _pass(self) -> PassResult:
+        tip = self.repo.rev_parse(f"refs/heads/{self.branch}")
+        if tip is None:
+            return PassResult(commit=None)
+        status = read_status(self.repo, self.branch)
+        snapshot = self.reader.read(tip)
+        rendered = list_workflow_ids(self.repo)
+
+        created: list[str] = []
+        failed: dict[str, list[str]] = {}
+        for workflow_id in sorted(snapshot.requests):
+            if workflow_id in rendered:
+                if status.reconciled_commit != tip:
+                    # A pass killed between its ref transaction and its status write leaves
+                    # nothing half done, but an older layout may lack queue refs: repair them.
+                    ensure_queue_refs(self.repo, read_head(self.repo, rendered[workflow_id]))
+                continue
+            request = snapshot.requests[workflow_id]
+            try:
+                workflow = plan_workflow(snapshot, request, self.clock())
+            except InvalidContent as error:
+                failed[workflow_id] = [str(problem) for problem in error.problems]
+                log.warning(
+                    "request %s not rendered: %s", request.file, "; ".join(failed[workflow_id])
+                )
+                continue
+            commit = write_workflow_commit(self.repo, workflow)
+            if publish_workflow(self.repo, workflow, commit):
+                created.append(workflow_id)
+                log.info(
+                    "rendered workflow %s from %s at %s (commit %s)",
+                    workflow_id,
+                    request.file,
+                    tip[:12],
+                    commit[:12],
+                )
+
+        self._write_status(status, tip, snapshot.problems, failed)
+        return PassResult(commit=tip, created=tuple(created), failed=failed)
+
+    def _write_status(
+        self,
+        previous: ReconcilerStatus,
+        tip: str,
+        problems: list[Problem],
+        failed: dict[str, list[str]],
+    ) -> None:
+        invalid: dict[str, list[str]] = {}
+        for problem in problems:
+            invalid.setdefault(problem.file, []).append(str(problem))
+        if (
+            previous.reconciled_commit == tip
+            and previous.invalid_files == invalid
+            and previous.failed_requests == failed
+        ):
+            return
+        for file, messages in invalid.items():
+            if previous.invalid_files.get(file) != messages:
+                log.warning("invalid file %s: %s", file, "; ".join(messages))
+        status = ReconcilerStatus(
+            branch=self.branch,
+            reconciled_commit=tip,
+            updated_at=self.clock(),
+            invalid_files=invalid,
+            failed_requests=failed,
+        )
+        blob = self.repo.write_blob(status.to_yaml().encode())
+        root = self.repo.write_root(None, {STATUS_FILE: TreeEntry("100644", "blob", blob)})
+        commit = self.repo.commit_tree(
+            root, [], f"Reconcile {self.branch} at {tip[:12]}\n", RECONCILER
+        )
+        old = self.repo.rev_parse(STATUS_REF)
+        if not self.repo.update_ref(STATUS_REF, commit, old):
+            log.info("status ref moved during the pass; the next pass rewrites it")
+
+
+class ReconcileLoop:
+    """Runs passes when triggered (push hook, file events) and on a polling interval."""
+
+    def __init__(
+        self, reconciler: Reconciler, poll_interval: float = 30.0, debounce: float = 0.02
+    ) -> None:
+        self.reconciler = reconciler
+        self.poll_interval = poll_interval
+        self.debounce = debounce
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._observer: Any = None
+        self.passes = 0
+
+    def trigger(self) -> None:
+        self._wake.set()
+
+    def start(self, watch: Path | None = None) -> None:
+        if watch is not None:
+            self._observer = _watch_refs(watch, self.trigger)
+        self._thread = threading.Thread(target=self._run, name="reconciler", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        if self._observer is not None:
+            self._observer.stop()
+            self._observer.join(timeout=5)
+
+    def _run(self) -> None:
+        log.info("reconciler started (poll every %.0f s)", self.poll_interval)
+        while not self._stop.is_set():
+            self._wake.wait(timeout=self.poll_interval)
+            if self._stop.is_set():
+                break
+            time.sleep(self.debounce)
+            self._wake.clear()
+            try:
+                self.reconciler.reconcile()
+            except Exception:
+                # A pass that fails must never end the loop; the next trigger or poll retries.
+                log.exception("reconcile pass failed; retrying on the next trigger")
+            self.passes += 1
+        log.info("reconciler stopped")
+
+
+def _watch_refs(repository: Path, callback: Callable[[], None]) -> Any:
+    """Watch the bare repository's refs with watchdog; every event is only a hint."""
+    from watchdog.events import FileSystemEvent, FileSystemEventHandler
+    from watchdog.observers import Observer
+
+    class Handler(FileSystemEventHandler):
+        def on_any_event(self, event: FileSystemEvent) -> None:
+            path = str(event.src_path)
+            if "/refs/heads" in path or path.endswith("packed-refs"):
+                callback()
+
+    observer = Observer()
+    observer.schedule(Handler(), str(repository), recursive=False)
+    (repository / "refs" / "heads").mkdir(parents=True, exist_ok=True)
+    observer.schedule(Handler(), str(repository / "refs" / "heads"), recursive=True)
+    observer.daemon = True
+    observer.start()
+    return observer

@@ -1,0 +1,197 @@
+"""``tinkops-agent``: the worker agent's command line.
+
+Every option can also come from a YAML file (``--config``, keys named like the long options
+with underscores); the command line wins. Exit codes: 0 stopped cleanly, 1 runtime failure,
+2 invalid configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tinkops_agent.agent import Agent, AgentConfig
+from tinkops_agent.gitrepo import GitRepo
+from tinkops_agent.remote import Endpoint, HostKeyError, Remote, pin_host_key, ssh_command
+from tinkops_agent.runtime import Runtime
+
+log = logging.getLogger("tinkops_agent")
+
+DEFAULTS: dict[str, Any] = {
+    "state_dir": "/var/lib/tinkops-agent",
+    "runtime": "docker",
+    "pull": "missing",
+    "network": "host",
+    "poll_interval": 2.0,
+    "default_timeout": 3600.0,
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tinkops-agent",
+        description="Run tinkops workflow actions on this machine.",
+    )
+    parser.add_argument("--config", type=Path, help="YAML file with any of these options")
+    parser.add_argument("--worker-id", help="this machine's MAC address (or its agent id)")
+    parser.add_argument(
+        "--provisioner", help="repository URL, e.g. ssh://10.0.0.1:2222/tinkops.git"
+    )
+    parser.add_argument("--key", help="private SSH key this agent authenticates with")
+    parser.add_argument(
+        "--host-key", help="the provisioner's host public key ('ssh-ed25519 AAAA...')"
+    )
+    parser.add_argument(
+        "--host-key-fingerprint",
+        help="the provisioner's host key fingerprint "
+        "(SHA256:...), checked against the key it presents",
+    )
+    parser.add_argument(
+        "--trust-on-first-use",
+        action="store_true",
+        default=None,
+        help="trust the host key presented at the first connection",
+    )
+    parser.add_argument(
+        "--state-dir",
+        help="folder for the local repository, /workflow data "
+        f"and action logs (default {DEFAULTS['state_dir']})",
+    )
+    parser.add_argument(
+        "--runtime",
+        choices=("docker", "process"),
+        help="run actions in Docker (default) or as host processes (development)",
+    )
+    parser.add_argument(
+        "--pull",
+        choices=("missing", "never", "always"),
+        help="image pull policy (default missing: pull only absent images)",
+    )
+    parser.add_argument(
+        "--network",
+        choices=("host", "none"),
+        help="network mode of action containers (default host)",
+    )
+    parser.add_argument("--docker-host", help="Docker engine URL (default: the environment's)")
+    parser.add_argument("--poll-interval", type=float, help="seconds between queue checks")
+    parser.add_argument(
+        "--default-timeout",
+        type=float,
+        help="seconds allowed to actions whose "
+        "timeout is 0 or missing; 0 means no limit (default 3600)",
+    )
+    parser.add_argument("--once", action="store_true", help="run what is runnable now, then exit")
+    parser.add_argument("--verbose", "-v", action="store_true", help="log debug messages")
+    return parser
+
+
+def load_options(args: argparse.Namespace) -> dict[str, Any]:
+    options = dict(DEFAULTS)
+    if args.config is not None:
+        try:
+            loaded = yaml.safe_load(args.config.read_text()) or {}
+        except (OSError, yaml.YAMLError) as error:
+            raise SystemExit(f"tinkops-agent: cannot read config {args.config}: {error}") from None
+        if not isinstance(loaded, dict):
+            raise SystemExit(f"tinkops-agent: config {args.config} must be a mapping")
+        known = {action.dest for action in build_parser()._actions}
+        unknown = sorted(set(loaded) - known)
+        if unknown:
+            raise SystemExit(
+                f"tinkops-agent: config {args.config}: unknown keys {', '.join(unknown)}"
+            )
+        options.update(loaded)
+    options.update({k: v for k, v in vars(args).items() if v is not None})
+    for required in ("worker_id", "provisioner", "key"):
+        if not options.get(required):
+            flag = "--" + required.replace("_", "-")
+            raise SystemExit(f"tinkops-agent: {flag} is required (or set {required} in --config)")
+    return options
+
+
+def make_runtime(options: dict[str, Any]) -> Runtime:
+    if options["runtime"] == "process":
+        from tinkops_agent.process_runtime import ProcessRuntime
+
+        return ProcessRuntime()
+    from tinkops_agent.docker_runtime import DockerRuntime, PullPolicy
+
+    return DockerRuntime(
+        base_url=options.get("docker_host"),
+        pull=PullPolicy(options["pull"]),
+        network_mode=options["network"],
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    options = load_options(args)
+    logging.basicConfig(
+        level=logging.DEBUG if options.get("verbose") else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    state_dir = Path(options["state_dir"])
+    endpoint = Endpoint.parse(options["provisioner"])
+    known_hosts = state_dir / "known_hosts"
+    try:
+        pin_host_key(
+            endpoint,
+            known_hosts,
+            host_key=options.get("host_key"),
+            host_key_fingerprint=options.get("host_key_fingerprint"),
+            trust_on_first_use=bool(options.get("trust_on_first_use")),
+        )
+    except HostKeyError as error:
+        print(f"tinkops-agent: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:
+        print(
+            f"tinkops-agent: cannot reach {endpoint.host}:{endpoint.port} to read its host "
+            f"key: {error}",
+            file=sys.stderr,
+        )
+        return 1
+
+    local = _local_repository(state_dir / "repository.git")
+    remote = Remote(local, options["provisioner"], ssh_command(Path(options["key"]), known_hosts))
+    timeout = float(options["default_timeout"])
+    config = AgentConfig(
+        worker_id=options["worker_id"],
+        state_dir=state_dir,
+        poll_interval=float(options["poll_interval"]),
+        default_action_timeout=timeout if timeout > 0 else None,
+    )
+    stop = threading.Event()
+    agent = Agent(config, local, remote, make_runtime(options), stop)
+
+    def request_stop(signum: int, _frame: object) -> None:
+        log.info("signal %d received; stopping after the current step", signum)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    if options.get("once"):
+        agent.replay_outbox()
+        while agent.step() and not stop.is_set():
+            pass
+        return 0
+    agent.run()
+    return 0
+
+
+def _local_repository(path: Path) -> GitRepo:
+    if not (path / "HEAD").exists():
+        path.mkdir(parents=True, exist_ok=True)
+        GitRepo(path).run("init", "--quiet", "--bare")
+    return GitRepo(path)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

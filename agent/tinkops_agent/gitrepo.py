@@ -80,6 +80,8 @@ class GitRepo:
         """Run ``git args`` in this repository and return the finished process, unchecked."""
         full_env = dict(self._env if self._env is not None else os.environ)
         full_env.setdefault("GIT_TERMINAL_PROMPT", "0")
+        # Lost races are recognised by git's messages, so they must be in English.
+        full_env["LC_ALL"] = "C"
         if env:
             full_env.update(env)
         argv = ["git", "-C", str(self.path), *args]
@@ -170,18 +172,22 @@ class GitRepo:
         return [(fields[i], fields[i + 1]) for i in range(0, len(fields) - 1, 2)]
 
     def log(self, rev: str, *, reverse: bool = True, limit: int | None = None) -> list[LogEntry]:
-        args = ["log", "--format=%H%x00%P%x00%at%x00%B%x1e"]
+        """Return the commits reachable from ``rev``, oldest first unless ``reverse`` is False.
+
+        Records are NUL-separated (``-z``), which a commit message cannot contain, and bytes
+        that are not UTF-8 are replaced, so no message can break the parse.
+        """
+        args = ["log", "-z", "--format=%H%n%P%n%at%n%B"]
         if reverse:
             args.append("--reverse")
         if limit is not None:
             args.append(f"-{limit}")
         args.append(rev)
         entries = []
-        for record in self.text(*args).split("\x1e"):
-            record = record.lstrip("\n")
-            if not record:
+        for record in self.run(*args).split(b"\0"):
+            if not record.strip():
                 continue
-            commit, parents, when, message = record.split("\x00", 3)
+            commit, parents, when, message = record.decode(errors="replace").split("\n", 3)
             entries.append(
                 LogEntry(commit, tuple(parents.split()), int(when), message.strip("\n") + "\n")
             )

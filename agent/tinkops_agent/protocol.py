@@ -329,7 +329,7 @@ class WorkflowStatus:
                     for item in data["actions"]
                 ),
             )
-        except (KeyError, TypeError, ValueError) as error:
+        except (KeyError, TypeError, ValueError, RecursionError) as error:
             raise ProtocolError(f"{STATE_FILE} is not a workflow state: {error}") from error
 
 
@@ -413,6 +413,7 @@ def format_event_message(event: Event) -> str:
 
 def parse_trailers(message: str) -> dict[str, str]:
     """Return the trailers of a commit message (its last paragraph of ``Key: value`` lines)."""
+    message = message.replace("\r\n", "\n")
     paragraphs = [p for p in message.strip().split("\n\n") if p.strip()]
     if len(paragraphs) < 2:
         return {}

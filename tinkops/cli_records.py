@@ -1,0 +1,276 @@
+"""The ``workflow``, ``template`` and ``hardware`` command groups, with Tinkerbell's verbs."""
+
+from __future__ import annotations
+
+import json
+import secrets
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from tinkops.cli_common import (
+    NoHeadersOption,
+    Output,
+    OutputOption,
+    RepoOption,
+    console,
+    open_repo,
+    show,
+)
+from tinkops.errors import InvalidContent, NotFound, TinkopsError
+from tinkops.gitops import commit_file, fetch_workflow_refs
+from tinkops.reconciler import read_status
+from tinkops.repository import WORKFLOWS_DIR, Snapshot, SnapshotReader
+from tinkops.request import valid_workflow_id
+from tinkops.views import Rows, events_rows, hardware_rows, state_rows, workflow_rows
+from tinkops.workflows import list_workflow_ids, load_workflow
+from tinkops.yamltext import dump
+from tinkops_agent.eventlog import read_ephemeral, read_events, read_head
+from tinkops_agent.gitrepo import GitRepo
+from tinkops_agent.protocol import DATA_FILE, normalize_mac, workflow_ref
+
+workflow_app = typer.Typer(help="Create and inspect workflows.", no_args_is_help=True)
+template_app = typer.Typer(help="Inspect templates.", no_args_is_help=True)
+hardware_app = typer.Typer(help="Inspect hardware records.", no_args_is_help=True)
+
+FetchOption = Annotated[
+    bool, typer.Option("--fetch/--no-fetch", help="fetch workflow state from origin first")
+]
+
+
+def _main_snapshot(repo: GitRepo, branch: str = "main") -> Snapshot:
+    commit = repo.rev_parse(f"refs/remotes/origin/{branch}") or repo.rev_parse(
+        f"refs/heads/{branch}"
+    )
+    if commit is None:
+        raise TinkopsError(f"branch {branch!r} not found in {repo.path}")
+    return SnapshotReader(repo).read(commit)
+
+
+# --- workflow -------------------------------------------------------------------------------
+
+
+@workflow_app.command("create")
+def workflow_create(
+    template: Annotated[str, typer.Option("--template", "-t", help="template name")],
+    hardware: Annotated[
+        str,
+        typer.Option(
+            "--hardware",
+            "-r",
+            help='device map as JSON, e.g. \'{"device_1": "08:00:27:00:00:01"}\'',
+        ),
+    ],
+    workflow_id: Annotated[
+        str | None,
+        typer.Option("--id", help="workflow id (default: generated from the template name)"),
+    ] = None,
+    branch: Annotated[
+        str | None,
+        typer.Option(
+            help="commit on this new branch, ready for a pull request, instead of the main branch"
+        ),
+    ] = None,
+    push: Annotated[bool, typer.Option("--push/--no-push", help="push to origin")] = True,
+    repo_path: RepoOption = Path("."),
+) -> None:
+    """Commit a workflow request; the reconciler renders it once it reaches the main branch."""
+    repo = open_repo(repo_path)
+    try:
+        hardware_map = json.loads(hardware)
+    except json.JSONDecodeError as error:
+        raise TinkopsError(
+            f"--hardware is not JSON ({error.msg} at column {error.colno}); "
+            'write it like \'{"device_1": "08:00:27:00:00:01"}\''
+        ) from error
+    if not isinstance(hardware_map, dict) or not all(
+        isinstance(v, str) for v in hardware_map.values()
+    ):
+        raise TinkopsError("--hardware must be a JSON object of device names to MAC addresses")
+    workflow_id = workflow_id or _generate_id(template)
+    if not valid_workflow_id(workflow_id):
+        raise TinkopsError(
+            f"workflow id {workflow_id!r} is invalid; use lower-case letters, "
+            "digits, '.', '_' and '-' (at most 63 characters)"
+        )
+
+    snapshot = _main_snapshot(repo)
+    if snapshot.template(template) is None:
+        known = ", ".join(sorted(snapshot.templates)) or "none"
+        raise NotFound(f"template {template!r} not found (known: {known})")
+    path = f"{WORKFLOWS_DIR}/{workflow_id}.yaml"
+    if path in snapshot.blobs:
+        raise TinkopsError(f"{path} already exists; choose another --id")
+
+    content = dump({"template": template, "hardware_map": hardware_map}).encode()
+    result = commit_file(
+        repo,
+        path,
+        content,
+        f"Request workflow {workflow_id} from template {template}\n",
+        branch=branch,
+        push=push,
+    )
+    where = f"branch {result.branch}" + (" (pushed)" if result.pushed else "")
+    console.print(f"Created Workflow:  {workflow_id}", markup=False)
+    console.print(f"  committed {result.commit[:12]} on {where}", markup=False)
+
+
+def _generate_id(template: str) -> str:
+    stem = "".join(c if c.isalnum() else "-" for c in template.lower()).strip("-")[:32]
+    stamp = datetime.now(UTC).strftime("%Y%m%d%H%M%S")
+    return f"{stem or 'workflow'}-{stamp}-{secrets.token_hex(2)}"
+
+
+@workflow_app.command("get")
+def workflow_get(
+    workflow_ids: Annotated[list[str] | None, typer.Argument(help="workflow ids")] = None,
+    output: OutputOption = Output.TABLE,
+    no_headers: NoHeadersOption = False,
+    fetch: FetchOption = True,
+    repo_path: RepoOption = Path("."),
+) -> None:
+    """Show workflows (all when no id is given), with requests that failed to render."""
+    repo = open_repo(repo_path)
+    if fetch:
+        fetch_workflow_refs(repo, workflow_ids or None)
+    ids = list_workflow_ids(repo)
+    wanted = workflow_ids or sorted(ids)
+    missing = [i for i in wanted if i not in ids]
+    heads = [read_head(repo, ids[i]) for i in wanted if i in ids]
+    failed = read_status(repo, "main").failed_requests if not workflow_ids else {}
+    failed.update({i: ["not found"] for i in missing})
+    show(workflow_rows(heads, failed), output, headers=not no_headers)
+    if missing:
+        raise typer.Exit(1)
+
+
+@workflow_app.command("list")
+def workflow_list(
+    output: OutputOption = Output.TABLE,
+    no_headers: NoHeadersOption = False,
+    fetch: FetchOption = True,
+    repo_path: RepoOption = Path("."),
+) -> None:
+    """List every workflow, with requests that failed to render."""
+    workflow_get(None, output, no_headers, fetch, repo_path)
+
+
+@workflow_app.command("state")
+def workflow_state(
+    workflow_id: Annotated[str, typer.Argument(help="workflow id")],
+    output: OutputOption = Output.TABLE,
+    fetch: FetchOption = True,
+    repo_path: RepoOption = Path("."),
+) -> None:
+    """Show a workflow's progress and current action."""
+    repo = open_repo(repo_path)
+    if fetch:
+        fetch_workflow_refs(repo, [workflow_id])
+    show(state_rows(load_workflow(repo, workflow_id)), output)
+
+
+@workflow_app.command("events")
+def workflow_events(
+    workflow_id: Annotated[str, typer.Argument(help="workflow id")],
+    output: OutputOption = Output.TABLE,
+    no_headers: NoHeadersOption = False,
+    fetch: FetchOption = True,
+    repo_path: RepoOption = Path("."),
+) -> None:
+    """List a workflow's events, oldest first (one per commit of its ref)."""
+    repo = open_repo(repo_path)
+    if fetch:
+        fetch_workflow_refs(repo, [workflow_id])
+    load_workflow(repo, workflow_id)
+    events = [event for _commit, event in read_events(repo, workflow_ref(workflow_id))]
+    show(events_rows(events), output, headers=not no_headers)
+
+
+@workflow_app.command("data")
+def workflow_data(
+    workflow_id: Annotated[str, typer.Argument(help="workflow id")],
+    file: Annotated[str, typer.Option(help="file under /workflow to show")] = DATA_FILE,
+    fetch: FetchOption = True,
+    repo_path: RepoOption = Path("."),
+) -> None:
+    """Print a workflow's ephemeral data (the /workflow/data document by default)."""
+    repo = open_repo(repo_path)
+    if fetch:
+        fetch_workflow_refs(repo, [workflow_id])
+    head = load_workflow(repo, workflow_id)
+    files = read_ephemeral(repo, head.commit)
+    if file not in files:
+        known = ", ".join(sorted(files)) or "none yet"
+        raise NotFound(f"workflow {workflow_id} has no ephemeral file {file!r} (files: {known})")
+    typer.echo(files[file].decode(errors="replace"), nl=False)
+
+
+# --- template -------------------------------------------------------------------------------
+
+
+@template_app.command("list")
+def template_list(
+    output: OutputOption = Output.TABLE,
+    no_headers: NoHeadersOption = False,
+    repo_path: RepoOption = Path("."),
+) -> None:
+    """List the templates on the main branch."""
+    snapshot = _main_snapshot(open_repo(repo_path))
+    rows = [(t.name, t.file) for t in sorted(snapshot.templates.values(), key=lambda t: t.name)]
+    show(Rows(("Name", "File"), rows), output, headers=not no_headers)
+
+
+@template_app.command("get")
+def template_get(
+    name: Annotated[str, typer.Argument(help="template name")],
+    repo_path: RepoOption = Path("."),
+) -> None:
+    """Print a template as stored on the main branch."""
+    snapshot = _main_snapshot(open_repo(repo_path))
+    template = snapshot.template(name)
+    if template is None:
+        raise NotFound(f"template {name!r} not found; list them with 'tinkops template list'")
+    typer.echo(template.text, nl=False)
+
+
+# --- hardware -------------------------------------------------------------------------------
+
+
+@hardware_app.command("list")
+def hardware_list(
+    output: OutputOption = Output.TABLE,
+    no_headers: NoHeadersOption = False,
+    repo_path: RepoOption = Path("."),
+) -> None:
+    """List the hardware records on the main branch, one row per interface."""
+    snapshot = _main_snapshot(open_repo(repo_path))
+    records = sorted(snapshot.hardware.values(), key=lambda r: r.name)
+    show(hardware_rows(records), output, headers=not no_headers)
+
+
+@hardware_app.command("get")
+def hardware_get(
+    key: Annotated[str, typer.Argument(help="record name, id or MAC address (any notation)")],
+    output: OutputOption = Output.TABLE,
+    repo_path: RepoOption = Path("."),
+) -> None:
+    """Show one hardware record, found by name, id or MAC."""
+    snapshot = _main_snapshot(open_repo(repo_path))
+    record = snapshot.hardware.get(key)
+    if record is None:
+        record = next((r for r in snapshot.hardware.values() if r.id == key), None)
+    if record is None:
+        try:
+            record = snapshot.workers.get(normalize_mac(key))
+        except ValueError:
+            record = None
+    if record is None:
+        raise NotFound(f"hardware {key!r} not found; list them with 'tinkops hardware list'")
+    show(hardware_rows([record]), output)
+
+
+def problems_text(error: InvalidContent) -> str:
+    return "\n".join(str(problem) for problem in error.problems)

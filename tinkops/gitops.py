@@ -1,0 +1,149 @@
+"""Changing the infrastructure repository the GitOps way: every change is a commit.
+
+``commit_file`` adds or replaces one file on a branch of the operator's repository without
+touching its work tree or index (a throwaway index builds the tree), then pushes it to
+``origin`` when there is one. A push that lost a race is rebuilt on the new tip and retried.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+
+from tinkops.errors import TransportError
+from tinkops_agent.gitrepo import GitError, GitRepo, Identity
+
+MAX_ATTEMPTS = 5
+
+
+@dataclass(frozen=True)
+class CommitResult:
+    commit: str
+    branch: str
+    pushed: bool
+
+
+def operator_identity(repo: GitRepo) -> Identity:
+    """Return the operator's git identity (user.name / user.email), or a stand-in."""
+    name = repo.execute("config", "user.name").stdout.decode().strip()
+    email = repo.execute("config", "user.email").stdout.decode().strip()
+    return Identity(
+        name or os.environ.get("GIT_AUTHOR_NAME") or "tinkops operator",
+        email or os.environ.get("GIT_AUTHOR_EMAIL") or "operator@tinkops.invalid",
+    )
+
+
+def is_bare(repo: GitRepo) -> bool:
+    return repo.text("rev-parse", "--is-bare-repository").strip() == "true"
+
+
+def has_origin(repo: GitRepo) -> bool:
+    return repo.execute("remote", "get-url", "origin").returncode == 0
+
+
+def commit_file(
+    repo: GitRepo,
+    path: str,
+    content: bytes | None,
+    message: str,
+    *,
+    base_branch: str = "main",
+    branch: str | None = None,
+    push: bool = True,
+) -> CommitResult:
+    """Commit ``content`` at ``path`` (None deletes it) and publish it.
+
+    The commit goes on ``base_branch``, or on a new ``branch`` made from it (for a pull
+    request). With an ``origin`` remote and ``push``, it is pushed there; without one, the
+    local branch moves (compare-and-swap).
+    """
+    target = branch or base_branch
+    remote = push and has_origin(repo)
+    identity = operator_identity(repo)
+    for _attempt in range(MAX_ATTEMPTS):
+        if remote:
+            _fetch(repo, base_branch)
+            base = repo.rev_parse(f"refs/remotes/origin/{base_branch}")
+        else:
+            base = repo.rev_parse(f"refs/heads/{base_branch}")
+        if base is None:
+            raise TransportError(
+                f"branch {base_branch!r} not found; is this the infrastructure repository?"
+            )
+        commit = _commit_on(repo, base, path, content, message, identity)
+        if remote:
+            if _push(repo, commit, target):
+                _follow(repo, target, commit)
+                return CommitResult(commit, target, True)
+            continue
+        old = repo.rev_parse(f"refs/heads/{target}")
+        if branch is not None and old is not None:
+            raise TransportError(f"branch {branch!r} already exists; choose another name")
+        if repo.update_ref(f"refs/heads/{target}", commit, old if branch is None else None):
+            return CommitResult(commit, target, False)
+    raise TransportError(f"{target} kept moving; gave up after {MAX_ATTEMPTS} attempts")
+
+
+def _commit_on(
+    repo: GitRepo, base: str, path: str, content: bytes | None, message: str, identity: Identity
+) -> str:
+    with tempfile.TemporaryDirectory(prefix="tinkops-index-") as scratch:
+        env = {"GIT_INDEX_FILE": os.path.join(scratch, "index")}
+        repo.run("read-tree", base, env=env)
+        if content is None:
+            repo.run("update-index", "--force-remove", "--", path, env=env)
+        else:
+            blob = repo.write_blob(content)
+            repo.run("update-index", "--add", "--cacheinfo", f"100644,{blob},{path}", env=env)
+        tree = repo.text("write-tree", env=env).strip()
+    return repo.commit_tree(tree, [base], message, identity)
+
+
+def _fetch(repo: GitRepo, branch: str) -> None:
+    try:
+        repo.run("fetch", "--quiet", "origin", f"+refs/heads/{branch}:refs/remotes/origin/{branch}")
+    except GitError as error:
+        raise TransportError(f"fetching {branch} from origin failed: {error.stderr}") from error
+
+
+def _push(repo: GitRepo, commit: str, branch: str) -> bool:
+    result = repo.execute("push", "--porcelain", "origin", f"{commit}:refs/heads/{branch}")
+    if result.returncode == 0:
+        return True
+    output = (result.stdout + result.stderr).decode(errors="replace")
+    if "non-fast-forward" in output or "fetch first" in output:
+        return False
+    raise TransportError(f"pushing to origin failed: {output.strip()}")
+
+
+def _follow(repo: GitRepo, branch: str, commit: str) -> None:
+    """Bring the local branch up to the pushed commit when that is a fast-forward."""
+    repo.execute("update-ref", f"refs/remotes/origin/{branch}", commit)
+    local = repo.rev_parse(f"refs/heads/{branch}")
+    current = repo.execute("symbolic-ref", "--quiet", "--short", "HEAD").stdout.decode().strip()
+    if local is not None and not repo.is_ancestor(local, commit):
+        return
+    if current == branch and not is_bare(repo):
+        repo.execute("merge", "--ff-only", "--quiet", commit)
+    else:
+        repo.execute("update-ref", f"refs/heads/{branch}", commit)
+
+
+def fetch_workflow_refs(repo: GitRepo, workflow_ids: list[str] | None = None) -> None:
+    """Mirror the provisioner's workflow refs (all, or these) from ``origin``, if there is one."""
+    if not has_origin(repo):
+        return
+    if workflow_ids is None:
+        refspecs = [
+            "+refs/tinkops/workflows/*:refs/tinkops/workflows/*",
+            "+refs/tinkops/status:refs/tinkops/status",
+        ]
+    else:
+        refspecs = [f"+refs/tinkops/workflows/{i}:refs/tinkops/workflows/{i}" for i in workflow_ids]
+    result = repo.execute("fetch", "--quiet", "--no-tags", "--prune", "origin", *refspecs)
+    if result.returncode != 0:
+        stderr = result.stderr.decode(errors="replace").strip()
+        if "couldn't find remote ref" in stderr:
+            return
+        raise TransportError(f"fetching workflows from origin failed: {stderr}")

@@ -46,6 +46,9 @@ class ProvisionerConfig:
     port: int = DEFAULT_PORT
     branch: str = "main"
     poll_interval: float = 30.0
+    timeout_grace: float = 10.0
+    """Seconds after a workflow's global_timeout before the provisioner records TIMEOUT
+    itself (the agent records it at the deadline when it is alive)."""
     operators: list[Operator] = field(default_factory=list)
 
     @property
@@ -62,6 +65,7 @@ class ProvisionerConfig:
             "port": self.port,
             "branch": self.branch,
             "poll_interval": self.poll_interval,
+            "timeout_grace": self.timeout_grace,
             "operators": [{"name": op.name, "key": op.key} for op in self.operators],
         }
         (self.home / CONFIG_FILE).write_text(yaml.safe_dump(data, sort_keys=False))
@@ -82,6 +86,7 @@ class ProvisionerConfig:
                 port=int(data.get("port", DEFAULT_PORT)),
                 branch=str(data.get("branch", "main")),
                 poll_interval=float(data.get("poll_interval", 30.0)),
+                timeout_grace=float(data.get("timeout_grace", 10.0)),
                 operators=operators,
             )
         except (yaml.YAMLError, KeyError, TypeError, ValueError) as error:

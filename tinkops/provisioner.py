@@ -71,7 +71,7 @@ class Provisioner:
         self.repo = GitRepo(config.repository)
         if not (config.repository / "HEAD").exists():
             raise ConfigError(f"no repository at {config.repository}; run 'tinkops init'")
-        self.reconciler = Reconciler(self.repo, config.branch)
+        self.reconciler = Reconciler(self.repo, config.branch, timeout_grace=config.timeout_grace)
         self.loop = ReconcileLoop(self.reconciler, poll_interval=config.poll_interval)
         host_key = paramiko.Ed25519Key.from_private_key_file(str(config.host_key_path))
         self.host_key_line = f"{host_key.get_name()} {host_key.get_base64()}"

@@ -22,6 +22,7 @@ import yaml
 from tinkops.errors import InvalidContent, Problem
 from tinkops.planner import plan_workflow
 from tinkops.repository import SnapshotReader
+from tinkops.supervisor import DEFAULT_GRACE, supervise
 from tinkops.workflows import (
     RECONCILER,
     ensure_queue_refs,
@@ -32,7 +33,7 @@ from tinkops.workflows import (
 from tinkops.yamltext import dump
 from tinkops_agent.eventlog import read_head
 from tinkops_agent.gitrepo import GitRepo, TreeEntry
-from tinkops_agent.protocol import STATUS_REF
+from tinkops_agent.protocol import STATUS_REF, State
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,9 @@ class PassResult:
     commit: str | None
     created: tuple[str, ...] = ()
     failed: dict[str, list[str]] = field(default_factory=dict)
+    ended: dict[str, State] = field(default_factory=dict)
+    next_deadline: float | None = None
+    """POSIX time when the next pass must run to enforce a global_timeout."""
 
 
 def read_status(repo: GitRepo, branch: str) -> ReconcilerStatus:
@@ -98,11 +102,16 @@ class Reconciler:
     """Renders requests of ``branch`` in the bare repository ``repo``."""
 
     def __init__(
-        self, repo: GitRepo, branch: str = "main", clock: Callable[[], str] = precise_now
+        self,
+        repo: GitRepo,
+        branch: str = "main",
+        clock: Callable[[], str] = precise_now,
+        timeout_grace: float = DEFAULT_GRACE,
     ) -> None:
         self.repo = repo
         self.branch = branch
         self.clock = clock
+        self.timeout_grace = timeout_grace
         self.reader = SnapshotReader(repo)
         self._lock = threading.Lock()
 
@@ -114,7 +123,10 @@ class Reconciler:
     def _pass(self) -> PassResult:
         tip = self.repo.rev_parse(f"refs/heads/{self.branch}")
         if tip is None:
-            return PassResult(commit=None)
+            supervision = supervise(self.repo, grace=self.timeout_grace)
+            return PassResult(
+                commit=None, ended=supervision.ended, next_deadline=supervision.next_deadline
+            )
         status = read_status(self.repo, self.branch)
         snapshot = self.reader.read(tip)
         rendered = list_workflow_ids(self.repo)
@@ -149,7 +161,14 @@ class Reconciler:
                 )
 
         self._write_status(status, tip, snapshot.problems, failed)
-        return PassResult(commit=tip, created=tuple(created), failed=failed)
+        supervision = supervise(self.repo, grace=self.timeout_grace)
+        return PassResult(
+            commit=tip,
+            created=tuple(created),
+            failed=failed,
+            ended=supervision.ended,
+            next_deadline=supervision.next_deadline,
+        )
 
     def _write_status(
         self,
@@ -222,14 +241,18 @@ class ReconcileLoop:
 
     def _run(self) -> None:
         log.info("reconciler started (poll every %.0f s)", self.poll_interval)
+        next_deadline: float | None = None
         while not self._stop.is_set():
-            self._wake.wait(timeout=self.poll_interval)
+            wait = self.poll_interval
+            if next_deadline is not None:
+                wait = max(0.0, min(wait, next_deadline - time.time()))
+            self._wake.wait(timeout=wait)
             if self._stop.is_set():
                 break
             time.sleep(self.debounce)
             self._wake.clear()
             try:
-                self.reconciler.reconcile()
+                next_deadline = self.reconciler.reconcile().next_deadline
             except Exception:
                 # A pass that fails must never end the loop; the next trigger or poll retries.
                 log.exception("reconcile pass failed; retrying on the next trigger")

@@ -12,6 +12,7 @@ import logging
 import os
 import shutil
 import threading
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from tinkops_agent.eventlog import (
     WorkflowHead,
     append_event,
     new_event_id,
+    parse_time,
     read_ephemeral,
     utc_now,
 )
@@ -52,6 +54,7 @@ OUTBOX = "refs/outbox/"
 # Tinkerbell's limit on ephemeral data, in bytes (10 MiB).
 MAX_EPHEMERAL_BYTES = 10 * 1024 * 1024
 RESTART_MESSAGE = "agent restarted during action; the action was not run again"
+REBOOT_MESSAGE = "the machine restarted during this action, which declares that it reboots it"
 
 
 class Superseded(Exception):
@@ -71,6 +74,8 @@ class AgentConfig:
     """Limit for actions whose timeout is 0 or missing (Tinkerbell's worker uses one hour);
     None runs them without a limit."""
     max_retry_delay: float = 30.0
+    cancel_check_interval: float = 2.0
+    """Seconds between checks, while an action runs, for the provisioner ending the workflow."""
 
 
 class Agent:
@@ -142,56 +147,199 @@ class Agent:
     # --- one workflow -----------------------------------------------------------------------
 
     def run_workflow(self, head: WorkflowHead) -> None:
-        workflow_id = head.workflow.id
+        """Run this worker's consecutive actions of one workflow, recording every event."""
         workdir = self._prepare_workdir(head)
-        actions = head.workflow.flat_actions()
         for index in runnable_by(head.workflow, head.status, self.worker):
             if self.stop.is_set():
                 return
-            task, action = actions[index]
-            if head.status.actions[index].state is State.RUNNING:
-                if (workflow_id, index) not in self._started:
-                    log.warning(
-                        "workflow %s action %r was RUNNING when the agent started; "
-                        "recording FAILED",
-                        workflow_id,
-                        action.name,
-                    )
-                    self._record(head, index, State.FAILED, RESTART_MESSAGE)
-                    return
-            else:
-                head = self._record(head, index, State.RUNNING, "Started execution")
-            self._started.add((workflow_id, index))
+            next_head = self._run_action(head, index, workdir)
+            if next_head is None or next_head.status.state.terminal:
+                return
+            head = next_head
 
-            log.info("workflow %s: running action %r (%s)", workflow_id, action.name, action.image)
+    def _run_action(self, head: WorkflowHead, index: int, workdir: Path) -> WorkflowHead | None:
+        """Run action ``index``; return the new head, or None when the workflow must stop."""
+        workflow_id = head.workflow.id
+        _task, action = head.workflow.flat_actions()[index]
+        if head.status.actions[index].state is State.RUNNING:
+            if (workflow_id, index) not in self._started:
+                return self._recover_restart(head, index)
+        else:
+            remaining = self._global_remaining(head)
+            if remaining is not None and remaining <= 0:
+                message = f"global_timeout of {head.workflow.global_timeout} s exceeded"
+                self._record(head, index, State.TIMEOUT, message)
+                return None
+            head = self._record(head, index, State.RUNNING, "Started execution")
+        self._started.add((workflow_id, index))
+
+        log.info("workflow %s: running action %r (%s)", workflow_id, action.name, action.image)
+        started = time.monotonic()
+        attempts = action.retries + 1
+        attempt = 1
+        while True:
+            result = self._attempt(head, index, workdir, started)
+            if result is None:
+                return None
+            if result.state is not State.FAILED or attempt == attempts:
+                break
+            if self._budget_left(head, index, started) == 0:
+                break
+            message = f"attempt {attempt} of {attempts} failed ({result.message}); retrying"
+            head = self._record(
+                head,
+                index,
+                State.RUNNING,
+                message,
+                seconds=round(result.seconds),
+                log_tail=result.log_tail,
+                attempt=attempt,
+            )
+            attempt += 1
+        head = self._record_result(
+            head, index, result, workdir, attempt=attempt if attempts > 1 else 0
+        )
+        if head.status.state in (State.FAILED, State.TIMEOUT):
+            self._run_handler(head, index, result, workdir)
+        return head
+
+    def _attempt(
+        self, head: WorkflowHead, index: int, workdir: Path, started: float
+    ) -> RunResult | None:
+        """Run one attempt within what is left of the action's and the workflow's time."""
+        task, action = head.workflow.flat_actions()[index]
+        budget = self._budget_left(head, index, started)
+        try:
+            spec = build_spec(head.workflow.id, index, task, action, workdir, budget)
+            if budget is not None and spec.timeout is not None:
+                spec = replace(spec, timeout=min(spec.timeout, budget))
+        except (ActionSpecError, ValueError) as error:
+            self._record(head, index, State.FAILED, f"could not run: {error}")
+            return None
+
+        cancel = threading.Event()
+        watcher = threading.Thread(
+            target=self._watch_for_end,
+            args=(head, cancel),
+            name=f"watch-{head.workflow.id}",
+            daemon=True,
+        )
+        watcher.start()
+        try:
+            result = self.runtime.run(
+                spec, self._log_path(head.workflow.id, index, action.name), cancel
+            )
+        except ContainerRuntimeError as error:
+            log.error(
+                "workflow %s action %r could not run: %s", head.workflow.id, action.name, error
+            )
+            self._record(head, index, State.FAILED, f"could not run: {error}")
+            return None
+        finally:
+            cancel.set()
+            watcher.join()
+
+        if result.state is State.CANCELLED:
+            self._record_stopped(head, index, result)
+            return None
+        global_left = self._global_remaining(head)
+        if result.state is State.TIMEOUT and global_left is not None and global_left <= 1:
+            result = replace(
+                result,
+                message=f"global_timeout of "
+                f"{head.workflow.global_timeout} s exceeded; {result.message}",
+            )
+        return result
+
+    def _budget_left(self, head: WorkflowHead, index: int, started: float) -> float | None:
+        """Return the seconds this action may still run (its timeout and the workflow's)."""
+        _task, action = head.workflow.flat_actions()[index]
+        limits = []
+        own = float(action.timeout) if action.timeout > 0 else self.config.default_action_timeout
+        if own is not None:
+            limits.append(own - (time.monotonic() - started))
+        global_left = self._global_remaining(head)
+        if global_left is not None:
+            limits.append(global_left)
+        return max(0.0, min(limits)) if limits else None
+
+    def _global_remaining(self, head: WorkflowHead) -> float | None:
+        """Return the seconds left of the workflow's global_timeout (None: no limit).
+
+        The clock starts at the first action's start; 0 or a missing global_timeout means the
+        workflow has no overall limit.
+        """
+        limit = head.workflow.global_timeout
+        if limit <= 0:
+            return None
+        started = parse_time(head.status.started_at) if head.status.started_at else time.time()
+        return started + limit - time.time()
+
+    def _watch_for_end(self, head: WorkflowHead, cancel: threading.Event) -> None:
+        """Stop the running action when the provisioner ends the workflow (cancel, timeout)."""
+        while not cancel.wait(self.config.cancel_check_interval):
             try:
-                spec = build_spec(
-                    workflow_id,
-                    index,
-                    task,
-                    action,
-                    workdir,
-                    self.config.default_action_timeout,
+                tip = self.remote.fetch_workflows([head.workflow.id]).get(head.workflow.id)
+                if tip is None or tip == head.commit:
+                    continue
+                if read_workflow_head(self.local, tip).status.state.terminal:
+                    log.warning(
+                        "workflow %s was ended on the provisioner; stopping its action",
+                        head.workflow.id,
+                    )
+                    cancel.set()
+            except (ConnectionError, OSError, ProtocolError) as error:
+                log.debug(
+                    "checking workflow %s for cancellation failed: %s", head.workflow.id, error
                 )
-                result = self.runtime.run(spec, self._log_path(workflow_id, index, action.name))
-            except (ActionSpecError, ContainerRuntimeError) as error:
-                log.error(
-                    "workflow %s action %r could not run: %s", workflow_id, action.name, error
-                )
-                self._record(head, index, State.FAILED, f"could not run: {error}")
-                return
-            head = self._record_result(head, index, result, workdir)
-            if head.status.state.terminal and head.status.state is not State.SUCCESS:
-                self._run_handler(head, index, result, workdir)
-                return
+            if self.stop.is_set():
+                cancel.set()
+
+    def _record_stopped(self, head: WorkflowHead, index: int, result: RunResult) -> None:
+        """Record that the action's container was stopped because the workflow ended."""
+        if self.stop.is_set():
+            return  # The agent is shutting down; the restart policy applies on the next start.
+        tip = self.remote.fetch_workflows([head.workflow.id]).get(head.workflow.id)
+        if tip is None:
+            return
+        current = read_workflow_head(self.local, tip)
+        ended = current.status.state
+        if not ended.terminal:
+            return
+        self._record(
+            current,
+            index,
+            ended,
+            f"container stopped because the workflow ended {ended.value}",
+            seconds=round(result.seconds),
+            log_tail=result.log_tail,
+        )
+
+    def _recover_restart(self, head: WorkflowHead, index: int) -> WorkflowHead | None:
+        """Apply the restart policy to an action that was RUNNING when the agent started."""
+        _task, action = head.workflow.flat_actions()[index]
+        if action.reboot:
+            log.info(
+                "workflow %s action %r rebooted the machine as declared; recording SUCCESS",
+                head.workflow.id,
+                action.name,
+            )
+            return self._record(head, index, State.SUCCESS, REBOOT_MESSAGE)
+        log.warning(
+            "workflow %s action %r was RUNNING when the agent started; recording FAILED",
+            head.workflow.id,
+            action.name,
+        )
+        self._record(head, index, State.FAILED, RESTART_MESSAGE)
+        return None
 
     def _record_result(
-        self, head: WorkflowHead, index: int, result: RunResult, workdir: Path
+        self, head: WorkflowHead, index: int, result: RunResult, workdir: Path, *, attempt: int = 0
     ) -> WorkflowHead:
         message = result.message
         if result.notes:
             message = f"{message} ({'; '.join(result.notes)})"
-        ephemeral, size = _collect(workdir)
+        ephemeral, size = collect_ephemeral(workdir)
         state = result.state
         if size > MAX_EPHEMERAL_BYTES:
             state = State.FAILED
@@ -209,11 +357,13 @@ class Agent:
             seconds=round(result.seconds),
             log_tail=result.log_tail,
             ephemeral=ephemeral,
+            attempt=attempt,
         )
 
     def _run_handler(
         self, head: WorkflowHead, index: int, result: RunResult, workdir: Path
     ) -> None:
+        """Run the action's on-failure or on-timeout command; record its outcome as an event."""
         task, action = head.workflow.flat_actions()[index]
         command = action.on_timeout if result.state is State.TIMEOUT else action.on_failure
         if not command:
@@ -222,24 +372,21 @@ class Agent:
         handler = replace(action, name=f"{action.name} {kind}", command=command)
         try:
             spec = build_spec(
-                head.workflow.id,
-                index,
-                task,
-                handler,
-                workdir,
-                self.config.default_action_timeout,
+                head.workflow.id, index, task, handler, workdir, self.config.default_action_timeout
             )
             outcome = self.runtime.run(spec, self._log_path(head.workflow.id, index, handler.name))
-        except (ActionSpecError, ContainerRuntimeError) as error:
-            log.error("workflow %s %s handler could not run: %s", head.workflow.id, kind, error)
-            return
+        except (ActionSpecError, ContainerRuntimeError, ValueError) as error:
+            message, seconds, tail = f"{kind} handler could not run: {error}", 0, ""
+        else:
+            message = f"{kind} handler ended {outcome.state.value}: {outcome.message}"
+            seconds, tail = round(outcome.seconds), outcome.log_tail
         event = self._event(
             head,
             index,
             head.status.actions[index].state,
-            f"{kind} handler ended {outcome.state.value}: {outcome.message}",
-            seconds=round(outcome.seconds),
-            log_tail=outcome.log_tail,
+            message,
+            seconds=seconds,
+            log_tail=tail,
             kind=EventKind.HANDLER,
         )
         self._publish(head, head.status, event, None)
@@ -256,12 +403,20 @@ class Agent:
         seconds: int = 0,
         log_tail: str = "",
         ephemeral: dict[str, bytes] | None = None,
+        attempt: int = 0,
     ) -> WorkflowHead:
         status = apply_action_event(
             head.status, index, state, at=utc_now(), seconds=seconds, message=message
         )
         event = self._event(
-            head, index, state, message, seconds=seconds, log_tail=log_tail, status=status
+            head,
+            index,
+            state,
+            message,
+            seconds=seconds,
+            log_tail=log_tail,
+            status=status,
+            attempt=attempt,
         )
         return self._publish(head, status, event, ephemeral)
 
@@ -276,6 +431,7 @@ class Agent:
         log_tail: str = "",
         kind: EventKind = EventKind.ACTION,
         status: WorkflowStatus | None = None,
+        attempt: int = 0,
     ) -> Event:
         task, action = head.workflow.flat_actions()[index]
         return Event(
@@ -292,6 +448,7 @@ class Agent:
             action_state=state,
             seconds=seconds,
             log_tail=log_tail,
+            attempt=attempt,
         )
 
     def _publish(
@@ -383,7 +540,7 @@ class Agent:
         return path
 
 
-def _collect(workdir: Path) -> tuple[dict[str, bytes] | None, int]:
+def collect_ephemeral(workdir: Path) -> tuple[dict[str, bytes] | None, int]:
     """Return every regular file under ``workdir`` by relative path, and their total size.
 
     Stops reading once the total passes the limit, so a huge write costs no memory.

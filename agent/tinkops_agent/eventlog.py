@@ -27,6 +27,13 @@ def utc_now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def parse_time(text: str) -> float:
+    """Return the POSIX time of a UTC timestamp written by ``utc_now`` (or with microseconds)."""
+    text = text.rstrip("Z")
+    layout = "%Y-%m-%dT%H:%M:%S.%f" if "." in text else "%Y-%m-%dT%H:%M:%S"
+    return datetime.strptime(text, layout).replace(tzinfo=UTC).timestamp()
+
+
 def new_event_id() -> str:
     return uuid.uuid4().hex
 

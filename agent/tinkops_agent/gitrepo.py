@@ -147,6 +147,43 @@ class GitRepo:
             entries[name.decode(errors="surrogateescape")] = TreeEntry(mode, kind, sha)
         return entries
 
+    def read_objects(self, names: Sequence[str]) -> dict[str, bytes | None]:
+        """Return the content of many objects by name (``<rev>:<path>``, refs, ids), None for
+        a missing one, read by one ``git cat-file --batch``."""
+        if not names:
+            return {}
+        unique = list(dict.fromkeys(names))
+        if any("\n" in name for name in unique):
+            raise ValueError("object names cannot contain newlines")
+        out = self.run("cat-file", "--batch", input="".join(n + "\n" for n in unique).encode())
+        contents: dict[str, bytes | None] = {}
+        position = 0
+        for name in unique:
+            header_end = out.index(b"\n", position)
+            header = out[position:header_end].decode(errors="replace").split()
+            if len(header) < 3 or header[-1] == "missing":
+                contents[name] = None
+                position = header_end + 1
+                continue
+            size = int(header[2])
+            contents[name] = out[header_end + 1 : header_end + 1 + size]
+            position = header_end + 1 + size + 1
+        return contents
+
+    def resolve(self, names: Sequence[str]) -> dict[str, str | None]:
+        """Return the object id each name (ref, ``<rev>:<path>``) points at, None if missing."""
+        if not names:
+            return {}
+        unique = list(dict.fromkeys(names))
+        out = self.text(
+            "cat-file", "--batch-check", input="".join(n + "\n" for n in unique).encode()
+        )
+        resolved: dict[str, str | None] = {}
+        for name, line in zip(unique, out.splitlines(), strict=True):
+            fields = line.split()
+            resolved[name] = fields[0] if len(fields) == 3 else None
+        return resolved
+
     def read_blobs(self, shas: Sequence[str]) -> dict[str, bytes]:
         """Return the content of many blobs, read by one ``git cat-file --batch``."""
         if not shas:

@@ -125,6 +125,11 @@ class Action:
     volumes: tuple[str, ...] = ()
     environment: Mapping[str, str] = field(default_factory=dict)
     pid: str | None = None
+    retries: int = 0
+    """Extra attempts after a failure (a tinkops extension); all share the action's timeout."""
+    reboot: bool = False
+    """The action reboots the machine on purpose (a tinkops extension): an agent that restarts
+    while it runs records SUCCESS instead of FAILED."""
 
 
 @dataclass(frozen=True)
@@ -208,6 +213,10 @@ def _action_to_dict(action: Action) -> dict[str, Any]:
     data["environment"] = dict(action.environment)
     if action.pid is not None:
         data["pid"] = action.pid
+    if action.retries:
+        data["retries"] = action.retries
+    if action.reboot:
+        data["reboot"] = True
     return data
 
 
@@ -236,6 +245,8 @@ def _action_from_dict(data: Mapping[str, Any]) -> Action:
         volumes=tuple(str(v) for v in data.get("volumes") or ()),
         environment={str(k): str(v) for k, v in (data.get("environment") or {}).items()},
         pid=None if data.get("pid") is None else str(data["pid"]),
+        retries=int(data.get("retries") or 0),
+        reboot=str(data.get("reboot", "")).lower() == "true",
     )
 
 
@@ -360,6 +371,8 @@ class Event:
     action_state: State | None = None
     seconds: int = 0
     log_tail: str = ""
+    attempt: int = 0
+    """The attempt this event belongs to, for actions with retries (0: not counted)."""
 
     def subject(self) -> str:
         if self.kind is EventKind.ACTION and self.action_state is not None:
@@ -379,6 +392,7 @@ TRAILER_KEYS = (
     ("Action-State", "action_state"),
     ("Worker", "worker"),
     ("Execution-Time", "seconds"),
+    ("Attempt", "attempt"),
     ("Created-At", "created_at"),
     ("Event-Id", "event_id"),
 )
@@ -400,6 +414,7 @@ def format_event_message(event: Event) -> str:
         "action_state": "" if event.action_state is None else event.action_state.value,
         "worker": event.worker,
         "seconds": str(event.seconds),
+        "attempt": str(event.attempt) if event.attempt else "",
         "created_at": event.created_at,
         "event_id": event.event_id,
     }
@@ -453,6 +468,7 @@ def parse_event_message(message: str) -> Event | None:
             action_state=State(action_state) if action_state else None,
             seconds=int(trailers.get("Execution-Time") or 0),
             log_tail=tail,
+            attempt=int(trailers.get("Attempt") or 0),
         )
     except (KeyError, ValueError) as error:
         raise ProtocolError(f"event trailers are invalid: {error}") from error

@@ -147,9 +147,11 @@ class Served:
             self.process.stdout.close()
 
 
-def serve(home: Path, *, init_args: Sequence[str] = ("--no-requests",)) -> Served:
-    """Create a provisioner home from repo-layout and serve it on a free loopback port."""
-    tinkops("init", str(home), "--port", "0", *init_args)
+def serve(home: Path, *, init_args: Sequence[str] | None = ("--no-requests",)) -> Served:
+    """Serve a provisioner home on a free loopback port, first creating it from repo-layout
+    unless ``init_args`` is None."""
+    if init_args is not None:
+        tinkops("init", str(home), "--port", "0", *init_args)
     log = home / "serve.log"
     with log.open("a") as stream:
         process = subprocess.Popen(

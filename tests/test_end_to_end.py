@@ -4,7 +4,10 @@ a separate agent process with its own key, and containers on the real Docker eng
 
 from __future__ import annotations
 
+import hashlib
 import json
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -103,6 +106,49 @@ def test_pushed_request_runs_to_success(served: Served, tmp_path: Path, busybox_
 
     data = tinkops("workflow", "data", "e2e-1", "--repo", str(clone)).stdout
     assert json.loads(data) == {"step": 1}
+
+
+def test_data_versions_and_logs(served: Served, tmp_path: Path, busybox_image: str) -> None:
+    actions = [
+        ("first", 'echo "{\\"v\\": 1}" > /workflow/data'),
+        ("second", 'echo "{\\"v\\": 2}" > /workflow/data; echo line-from-second'),
+    ]
+    assert (
+        run_to_end(served, tmp_path, busybox_image, "e2e-data", actions)["Workflow State"]
+        == "SUCCESS"
+    )
+    repo = ("--repo", str(tmp_path / "operator"))
+
+    latest = tinkops("workflow", "data", "e2e-data", "--latest-version", *repo).stdout
+    assert latest.strip() == "Latest workflow data version: 2"
+    assert json.loads(tinkops("workflow", "data", "e2e-data", "-v", "1", *repo).stdout) == {"v": 1}
+    rows = json.loads(
+        tinkops("workflow", "data", "e2e-data", "-v", "2", "--metadata", "-o", "json", *repo).stdout
+    )
+    fields = {row["field_name"]: row["values"] for row in rows}
+    assert fields["Worker"] == WORKER_1
+    assert fields["Action"] == "second"
+    assert fields["SHA256"] == hashlib.sha256(b'{"v": 2}\n').hexdigest()
+    missing = tinkops("workflow", "data", "e2e-data", "-v", "9", *repo, check=False)
+    assert missing.returncode == 1
+    assert "versions 1 to 2, not 9" in missing.stderr
+
+    logs = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tinkops_agent.cli",
+            "logs",
+            "e2e-data",
+            "1",
+            "--state-dir",
+            str(tmp_path / "agent"),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "line-from-second" in logs.stdout
 
 
 def test_failing_action_ends_workflow_failed(

@@ -19,6 +19,7 @@ from tinkops.cli_common import (
     open_repo,
     show,
 )
+from tinkops.ephemeral import data_versions, read_version, sha256_hex
 from tinkops.errors import InvalidContent, NotFound, TinkopsError
 from tinkops.gitops import commit_file, fetch_workflow_refs
 from tinkops.reconciler import read_status
@@ -27,7 +28,7 @@ from tinkops.request import valid_workflow_id
 from tinkops.views import Rows, events_rows, hardware_rows, state_rows, workflow_rows
 from tinkops.workflows import list_workflow_ids, load_workflow
 from tinkops.yamltext import dump
-from tinkops_agent.eventlog import read_ephemeral, read_events, read_head
+from tinkops_agent.eventlog import read_events, read_head
 from tinkops_agent.gitrepo import GitRepo
 from tinkops_agent.protocol import DATA_FILE, normalize_mac, workflow_ref
 
@@ -192,7 +193,18 @@ def workflow_events(
 @workflow_app.command("data")
 def workflow_data(
     workflow_id: Annotated[str, typer.Argument(help="workflow id")],
+    version: Annotated[
+        int | None, typer.Option("--version", "-v", help="data version (default: the latest)")
+    ] = None,
     file: Annotated[str, typer.Option(help="file under /workflow to show")] = DATA_FILE,
+    metadata: Annotated[
+        bool,
+        typer.Option("--metadata", "-m", help="show who wrote the version, when, and its sha256"),
+    ] = False,
+    latest_version: Annotated[
+        bool, typer.Option("--latest-version", "-l", help="print the latest version number")
+    ] = False,
+    output: OutputOption = Output.TABLE,
     fetch: FetchOption = True,
     repo_path: RepoOption = Path("."),
 ) -> None:
@@ -200,12 +212,27 @@ def workflow_data(
     repo = open_repo(repo_path)
     if fetch:
         fetch_workflow_refs(repo, [workflow_id])
-    head = load_workflow(repo, workflow_id)
-    files = read_ephemeral(repo, head.commit)
-    if file not in files:
-        known = ", ".join(sorted(files)) or "none yet"
-        raise NotFound(f"workflow {workflow_id} has no ephemeral file {file!r} (files: {known})")
-    typer.echo(files[file].decode(errors="replace"), nl=False)
+    load_workflow(repo, workflow_id)
+    if latest_version:
+        versions = data_versions(repo, workflow_id)
+        console.print(f"Latest workflow data version: {len(versions)}", markup=False)
+        return
+    chosen, content = read_version(repo, workflow_id, version, file)
+    if metadata:
+        rows = [
+            ("Version", str(chosen.number)),
+            ("Worker", chosen.worker),
+            ("Task", chosen.task),
+            ("Action", chosen.action),
+            ("Written At", chosen.written_at),
+            ("File", file),
+            ("Size", str(len(content))),
+            ("SHA256", sha256_hex(content)),
+            ("Commit", chosen.commit),
+        ]
+        show(Rows(("Field Name", "Values"), rows), output)
+        return
+    typer.echo(content.decode(errors="replace"), nl=False)
 
 
 # --- template -------------------------------------------------------------------------------

@@ -37,7 +37,8 @@ DEFAULTS: dict[str, Any] = {
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tinkops-agent",
-        description="Run tinkops workflow actions on this machine.",
+        description="Run tinkops workflow actions on this machine. "
+        "'tinkops-agent logs WORKFLOW [INDEX]' prints the full output of actions run here.",
     )
     parser.add_argument("--config", type=Path, help="YAML file with any of these options")
     parser.add_argument("--worker-id", help="this machine's MAC address (or its agent id)")
@@ -130,7 +131,37 @@ def make_runtime(options: dict[str, Any]) -> Runtime:
     )
 
 
+def show_logs(argv: list[str]) -> int:
+    """``tinkops-agent logs WORKFLOW [INDEX]``: print the full output of a workflow's actions,
+    kept on this machine (events carry only the last lines)."""
+    parser = argparse.ArgumentParser(
+        prog="tinkops-agent logs", description="Print the full output of actions run here."
+    )
+    parser.add_argument("workflow", help="workflow id")
+    parser.add_argument("index", nargs="?", type=int, help="action index (default: all)")
+    parser.add_argument(
+        "--state-dir",
+        default=DEFAULTS["state_dir"],
+        help=f"the agent's state folder (default {DEFAULTS['state_dir']})",
+    )
+    args = parser.parse_args(argv)
+    folder = Path(args.state_dir) / "logs" / args.workflow
+    logs = sorted(folder.glob("*.log")) if folder.is_dir() else []
+    if args.index is not None:
+        logs = [log for log in logs if log.name.startswith(f"{args.index:03d}-")]
+    if not logs:
+        print(f"tinkops-agent: no logs for workflow {args.workflow!r} in {folder}", file=sys.stderr)
+        return 1
+    for path in logs:
+        print(f"==> {path.name} <==")
+        sys.stdout.write(path.read_text(errors="replace"))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["logs"]:
+        return show_logs(argv[1:])
     args = build_parser().parse_args(argv)
     options = load_options(args)
     logging.basicConfig(

@@ -14,6 +14,7 @@ from rich.console import Console
 
 from tinkops.errors import TinkopsError
 from tinkops.home import REPOSITORY_DIR
+from tinkops.repository import Snapshot, SnapshotReader
 from tinkops.views import Rows, table
 from tinkops_agent.gitrepo import GitRepo
 
@@ -55,6 +56,16 @@ def open_repo(path: Path) -> GitRepo:
             "infrastructure repository or a provisioner home"
         )
     return repo
+
+
+def main_snapshot(repo: GitRepo, branch: str = "main") -> Snapshot:
+    """Read the main branch: origin's copy when the repository is a clone, else its own."""
+    commit = repo.rev_parse(f"refs/remotes/origin/{branch}") or repo.rev_parse(
+        f"refs/heads/{branch}"
+    )
+    if commit is None:
+        raise TinkopsError(f"branch {branch!r} not found in {repo.path}")
+    return SnapshotReader(repo).read(commit)
 
 
 def show(rows: Rows, output: Output, *, headers: bool = True) -> None:

@@ -37,7 +37,13 @@ class InvalidContent(TinkopsError):
 
 
 class RenderError(TinkopsError):
-    """A template could not be rendered for a request."""
+    """A template could not be rendered; ``line`` is the template line, when known."""
+
+    def __init__(self, message: str, line: int | None = None, fix: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+        self.line = line
+        self.fix = fix
 
 
 class NotFound(TinkopsError):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from tinkops.errors import TransportError
@@ -58,6 +59,21 @@ def commit_file(
     request). With an ``origin`` remote and ``push``, it is pushed there; without one, the
     local branch moves (compare-and-swap).
     """
+    return commit_files(
+        repo, {path: content}, message, base_branch=base_branch, branch=branch, push=push
+    )
+
+
+def commit_files(
+    repo: GitRepo,
+    changes: Mapping[str, bytes | None],
+    message: str,
+    *,
+    base_branch: str = "main",
+    branch: str | None = None,
+    push: bool = True,
+) -> CommitResult:
+    """Commit several files at once (None deletes one), published as ``commit_file`` does."""
     target = branch or base_branch
     remote = push and has_origin(repo)
     identity = operator_identity(repo)
@@ -71,7 +87,7 @@ def commit_file(
             raise TransportError(
                 f"branch {base_branch!r} not found; is this the infrastructure repository?"
             )
-        commit = _commit_on(repo, base, path, content, message, identity)
+        commit = _commit_on(repo, base, changes, message, identity)
         if remote:
             if _push(repo, commit, target):
                 _follow(repo, target, commit)
@@ -86,18 +102,32 @@ def commit_file(
 
 
 def _commit_on(
-    repo: GitRepo, base: str, path: str, content: bytes | None, message: str, identity: Identity
+    repo: GitRepo,
+    base: str,
+    changes: Mapping[str, bytes | None],
+    message: str,
+    identity: Identity,
 ) -> str:
     with tempfile.TemporaryDirectory(prefix="tinkops-index-") as scratch:
         env = {"GIT_INDEX_FILE": os.path.join(scratch, "index")}
         repo.run("read-tree", base, env=env)
-        if content is None:
-            repo.run("update-index", "--force-remove", "--", path, env=env)
-        else:
-            blob = repo.write_blob(content)
-            repo.run("update-index", "--add", "--cacheinfo", f"100644,{blob},{path}", env=env)
+        for path, content in changes.items():
+            if content is None:
+                # Mode 0 removes the entry; unlike --force-remove it needs no work tree.
+                removal = f"0 {'0' * 40}\t{path}\n".encode()
+                repo.run("update-index", "--index-info", input=removal, env=env)
+            else:
+                blob = repo.write_blob(content)
+                cacheinfo = f"100644,{blob},{path}"
+                repo.run("update-index", "--add", "--cacheinfo", cacheinfo, env=env)
         tree = repo.text("write-tree", env=env).strip()
     return repo.commit_tree(tree, [base], message, identity)
+
+
+def fetch_branch(repo: GitRepo, branch: str) -> None:
+    """Update ``refs/remotes/origin/<branch>`` when the repository has an ``origin``."""
+    if has_origin(repo):
+        _fetch(repo, branch)
 
 
 def _fetch(repo: GitRepo, branch: str) -> None:

@@ -14,6 +14,12 @@ from typing import Any
 from tinkops.errors import Problem
 from tinkops.yamltext import Document, Path_
 
+# A record's name (a file name without extension, or a template a request names): Tinkerbell's
+# 1 to 199 bytes, in characters that are safe in a file name, a ref name and a command line.
+RECORD_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,198}$")
+RECORD_NAME_RULE = (
+    "use letters, digits, '.', '_' and '-' (at most 199), starting with a letter or digit"
+)
 _INTEGER = re.compile(r"^[+-]?[0-9]+$")
 _TRUE = frozenset({"true", "True", "TRUE", "yes", "on"})
 _FALSE = frozenset({"false", "False", "FALSE", "no", "off"})

@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -64,6 +65,7 @@ class Served:
     fingerprint: str
     log: Path
     agents: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    metrics_url: str = ""
 
     @property
     def repository(self) -> Path:
@@ -76,7 +78,12 @@ class Served:
     def git_env(self, key: Path | None = None) -> dict[str, str]:
         """Return an environment for stock git over OpenSSH, as the operator by default."""
         known_hosts = self.home / "test_known_hosts"
-        known_hosts.write_text(f"[127.0.0.1]:{self.port} {self.host_key}\n")
+        line = f"[127.0.0.1]:{self.port} {self.host_key}\n"
+        if not known_hosts.exists() or known_hosts.read_text() != line:
+            # Threads share this file: replace it whole so no reader sees it half written.
+            scratch = known_hosts.with_name(f"{known_hosts.name}.{threading.get_ident()}")
+            scratch.write_text(line)
+            os.replace(scratch, known_hosts)
         key = key or self.home / "keys" / "operator"
         env = dict(os.environ)
         env["GIT_SSH_COMMAND"] = (
@@ -147,7 +154,12 @@ class Served:
             self.process.stdout.close()
 
 
-def serve(home: Path, *, init_args: Sequence[str] | None = ("--no-requests",)) -> Served:
+def serve(
+    home: Path,
+    *,
+    init_args: Sequence[str] | None = ("--no-requests",),
+    serve_args: Sequence[str] = (),
+) -> Served:
     """Serve a provisioner home on a free loopback port, first creating it from repo-layout
     unless ``init_args`` is None."""
     if init_args is not None:
@@ -155,14 +167,14 @@ def serve(home: Path, *, init_args: Sequence[str] | None = ("--no-requests",)) -
     log = home / "serve.log"
     with log.open("a") as stream:
         process = subprocess.Popen(
-            [sys.executable, "-m", "tinkops.cli", "serve", "--home", str(home), "-v"],
+            [sys.executable, "-m", "tinkops.cli", "serve", "--home", str(home), "-v", *serve_args],
             stdout=subprocess.PIPE,
             stderr=stream,
             text=True,
             stdin=subprocess.DEVNULL,
         )
     assert process.stdout is not None
-    url = host_line = ""
+    url = host_line = metrics = ""
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and not (url and host_line):
         line = process.stdout.readline()
@@ -170,6 +182,8 @@ def serve(home: Path, *, init_args: Sequence[str] | None = ("--no-requests",)) -
             break
         if line.startswith("Serving "):
             url = line.split()[1]
+        if line.startswith("Metrics: "):
+            metrics = line.split()[1]
         if line.startswith("Host key: "):
             host_line = line[len("Host key: ") :].strip()
     if not (url and host_line):
@@ -179,7 +193,7 @@ def serve(home: Path, *, init_args: Sequence[str] | None = ("--no-requests",)) -
         raise AssertionError(f"tinkops serve did not start:\n{log.read_text()}")
     match = re.match(r"(\S+ \S+) \((SHA256:\S+)\)", host_line)
     assert match, host_line
-    return Served(home, process, url, match.group(1), match.group(2), log)
+    return Served(home, process, url, match.group(1), match.group(2), log, metrics_url=metrics)
 
 
 def run_git(

@@ -16,7 +16,7 @@ from typing import Annotated
 
 import typer
 
-from tinkops import cli_records
+from tinkops import cli_gitops, cli_hardware, cli_ops, cli_records
 from tinkops.cli_common import console, fail
 from tinkops.errors import TinkopsError
 from tinkops.home import DEFAULT_PORT, ProvisionerConfig, init_home
@@ -30,7 +30,10 @@ app = typer.Typer(
 )
 app.add_typer(cli_records.workflow_app, name="workflow")
 app.add_typer(cli_records.template_app, name="template")
-app.add_typer(cli_records.hardware_app, name="hardware")
+app.add_typer(cli_hardware.hardware_app, name="hardware")
+app.command("validate")(cli_gitops.validate)
+app.command("diff")(cli_gitops.diff)
+cli_ops.register(app)
 
 HomeOption = Annotated[
     Path, typer.Option("--home", envvar="TINKOPS_HOME", help="provisioner home folder")
@@ -86,6 +89,12 @@ def serve(
     show_host_key: Annotated[
         bool, typer.Option("--show-host-key", help="print the host key and exit")
     ] = False,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(
+            help="serve Prometheus metrics on this port of the listen address (default: off)"
+        ),
+    ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Run the reconciler and the SSH endpoint until interrupted."""
@@ -96,7 +105,7 @@ def serve(
         config.listen = listen
     if port is not None:
         config.port = port
-    provisioner = Provisioner(config)
+    provisioner = Provisioner(config, metrics_port=metrics_port)
     if show_host_key:
         console.print(provisioner.host_key_line)
         console.print(provisioner.host_key_fingerprint)
@@ -107,6 +116,10 @@ def serve(
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     with provisioner:
         console.print(f"Serving {provisioner.url}")
+        if provisioner.metrics_server is not None:
+            console.print(
+                f"Metrics: http://{config.listen}:{provisioner.metrics_server.port}/metrics"
+            )
         console.print(f"Host key: {provisioner.host_key_line} ({provisioner.host_key_fingerprint})")
         stop.wait()
     console.print("Stopped")

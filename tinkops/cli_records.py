@@ -1,4 +1,4 @@
-"""The ``workflow``, ``template`` and ``hardware`` command groups, with Tinkerbell's verbs."""
+"""The ``workflow`` and ``template`` command groups, with Tinkerbell's verbs."""
 
 from __future__ import annotations
 
@@ -25,16 +25,15 @@ from tinkops.gitops import commit_file, fetch_workflow_refs
 from tinkops.reconciler import read_status
 from tinkops.repository import WORKFLOWS_DIR, Snapshot, SnapshotReader
 from tinkops.request import valid_workflow_id
-from tinkops.views import Rows, events_rows, hardware_rows, state_rows, workflow_rows
+from tinkops.views import Rows, events_rows, state_rows, workflow_rows
 from tinkops.workflows import list_workflow_ids, load_workflow
 from tinkops.yamltext import dump
-from tinkops_agent.eventlog import read_events, read_head
+from tinkops_agent.eventlog import read_events, read_heads
 from tinkops_agent.gitrepo import GitRepo
-from tinkops_agent.protocol import DATA_FILE, normalize_mac, workflow_ref
+from tinkops_agent.protocol import DATA_FILE, workflow_ref
 
 workflow_app = typer.Typer(help="Create and inspect workflows.", no_args_is_help=True)
 template_app = typer.Typer(help="Inspect templates.", no_args_is_help=True)
-hardware_app = typer.Typer(help="Inspect hardware records.", no_args_is_help=True)
 
 FetchOption = Annotated[
     bool, typer.Option("--fetch/--no-fetch", help="fetch workflow state from origin first")
@@ -140,7 +139,8 @@ def workflow_get(
     ids = list_workflow_ids(repo)
     wanted = workflow_ids or sorted(ids)
     missing = [i for i in wanted if i not in ids]
-    heads = [read_head(repo, ids[i]) for i in wanted if i in ids]
+    found = read_heads(repo, [ids[i] for i in wanted if i in ids])
+    heads = [found[ids[i]] for i in wanted if i in ids]
     failed = read_status(repo, "main").failed_requests if not workflow_ids else {}
     failed.update({i: ["not found"] for i in missing})
     show(workflow_rows(heads, failed), output, headers=not no_headers)
@@ -261,42 +261,6 @@ def template_get(
     if template is None:
         raise NotFound(f"template {name!r} not found; list them with 'tinkops template list'")
     typer.echo(template.text, nl=False)
-
-
-# --- hardware -------------------------------------------------------------------------------
-
-
-@hardware_app.command("list")
-def hardware_list(
-    output: OutputOption = Output.TABLE,
-    no_headers: NoHeadersOption = False,
-    repo_path: RepoOption = Path("."),
-) -> None:
-    """List the hardware records on the main branch, one row per interface."""
-    snapshot = _main_snapshot(open_repo(repo_path))
-    records = sorted(snapshot.hardware.values(), key=lambda r: r.name)
-    show(hardware_rows(records), output, headers=not no_headers)
-
-
-@hardware_app.command("get")
-def hardware_get(
-    key: Annotated[str, typer.Argument(help="record name, id or MAC address (any notation)")],
-    output: OutputOption = Output.TABLE,
-    repo_path: RepoOption = Path("."),
-) -> None:
-    """Show one hardware record, found by name, id or MAC."""
-    snapshot = _main_snapshot(open_repo(repo_path))
-    record = snapshot.hardware.get(key)
-    if record is None:
-        record = next((r for r in snapshot.hardware.values() if r.id == key), None)
-    if record is None:
-        try:
-            record = snapshot.workers.get(normalize_mac(key))
-        except ValueError:
-            record = None
-    if record is None:
-        raise NotFound(f"hardware {key!r} not found; list them with 'tinkops hardware list'")
-    show(hardware_rows([record]), output)
 
 
 def problems_text(error: InvalidContent) -> str:

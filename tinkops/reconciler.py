@@ -20,20 +20,19 @@ from typing import Any
 import yaml
 
 from tinkops.errors import InvalidContent, Problem
+from tinkops.objectwriter import ObjectWriter
 from tinkops.planner import plan_workflow
 from tinkops.repository import SnapshotReader
 from tinkops.supervisor import DEFAULT_GRACE, supervise
 from tinkops.workflows import (
     RECONCILER,
-    ensure_queue_refs,
     list_workflow_ids,
-    publish_workflow,
+    publish_workflows,
     write_workflow_commit,
 )
 from tinkops.yamltext import dump
-from tinkops_agent.eventlog import read_head
 from tinkops_agent.gitrepo import GitRepo, TreeEntry
-from tinkops_agent.protocol import STATUS_REF, State
+from tinkops_agent.protocol import STATUS_REF, State, Workflow
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +111,8 @@ class Reconciler:
         self.branch = branch
         self.clock = clock
         self.timeout_grace = timeout_grace
+        # Bare repositories get their objects written directly, in one pack per pass.
+        self.writer = ObjectWriter(repo.path) if (repo.path / "objects").is_dir() else None
         self.reader = SnapshotReader(repo)
         self._lock = threading.Lock()
 
@@ -131,31 +132,35 @@ class Reconciler:
         snapshot = self.reader.read(tip)
         rendered = list_workflow_ids(self.repo)
 
-        created: list[str] = []
         failed: dict[str, list[str]] = {}
+        rendered_now: list[tuple[Workflow, str]] = []
+        if self.writer is not None:
+            self.writer.batch()
         for workflow_id in sorted(snapshot.requests):
             if workflow_id in rendered:
-                if status.reconciled_commit != tip:
-                    # A pass killed between its ref transaction and its status write leaves
-                    # nothing half done, but an older layout may lack queue refs: repair them.
-                    ensure_queue_refs(self.repo, read_head(self.repo, rendered[workflow_id]))
                 continue
             request = snapshot.requests[workflow_id]
             try:
                 workflow = plan_workflow(snapshot, request, self.clock())
             except InvalidContent as error:
                 failed[workflow_id] = [str(problem) for problem in error.problems]
-                log.warning(
-                    "request %s not rendered: %s", request.file, "; ".join(failed[workflow_id])
-                )
+                if status.failed_requests.get(workflow_id) != failed[workflow_id]:
+                    log.warning(
+                        "request %s not rendered: %s", request.file, "; ".join(failed[workflow_id])
+                    )
                 continue
-            commit = write_workflow_commit(self.repo, workflow)
-            if publish_workflow(self.repo, workflow, commit):
-                created.append(workflow_id)
+            rendered_now.append(
+                (workflow, write_workflow_commit(self.repo, workflow, writer=self.writer))
+            )
+        if self.writer is not None:
+            self.writer.flush()
+        created = publish_workflows(self.repo, rendered_now)
+        for workflow, commit in rendered_now:
+            if workflow.id in created:
                 log.info(
                     "rendered workflow %s from %s at %s (commit %s)",
-                    workflow_id,
-                    request.file,
+                    workflow.id,
+                    workflow.request,
                     tip[:12],
                     commit[:12],
                 )
@@ -210,9 +215,14 @@ class ReconcileLoop:
     """Runs passes when triggered (push hook, file events) and on a polling interval."""
 
     def __init__(
-        self, reconciler: Reconciler, poll_interval: float = 30.0, debounce: float = 0.02
+        self,
+        reconciler: Reconciler,
+        poll_interval: float = 30.0,
+        debounce: float = 0.02,
+        on_pass: Callable[[float, PassResult | None], None] | None = None,
     ) -> None:
         self.reconciler = reconciler
+        self.on_pass = on_pass
         self.poll_interval = poll_interval
         self.debounce = debounce
         self._wake = threading.Event()
@@ -251,11 +261,16 @@ class ReconcileLoop:
                 break
             time.sleep(self.debounce)
             self._wake.clear()
+            started = time.monotonic()
+            result: PassResult | None = None
             try:
-                next_deadline = self.reconciler.reconcile().next_deadline
+                result = self.reconciler.reconcile()
+                next_deadline = result.next_deadline
             except Exception:
                 # A pass that fails must never end the loop; the next trigger or poll retries.
                 log.exception("reconcile pass failed; retrying on the next trigger")
+            if self.on_pass is not None:
+                self.on_pass(time.monotonic() - started, result)
             self.passes += 1
         log.info("reconciler stopped")
 
@@ -265,10 +280,18 @@ def _watch_refs(repository: Path, callback: Callable[[], None]) -> Any:
     from watchdog.events import FileSystemEvent, FileSystemEventHandler
     from watchdog.observers import Observer
 
+    # Only changes count: every git command opens packed-refs, so reacting to opens and
+    # closes would wake the reconciler with its own reads, forever.
+    changes = {"created", "modified", "moved", "deleted"}
+
     class Handler(FileSystemEventHandler):
         def on_any_event(self, event: FileSystemEvent) -> None:
-            path = str(event.src_path)
-            if "/refs/heads" in path or path.endswith("packed-refs"):
+            if event.event_type not in changes or event.is_directory:
+                return
+            path = str(event.dest_path or event.src_path)
+            if path.endswith(".lock"):
+                return
+            if "/refs/heads/" in path or path.endswith("/packed-refs"):
                 callback()
 
     observer = Observer()

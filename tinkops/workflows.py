@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+
 from tinkops.errors import NotFound
+from tinkops.objectwriter import ObjectWriter
 from tinkops.yamltext import dump
 from tinkops_agent.eventlog import WorkflowHead, read_head
 from tinkops_agent.gitrepo import GitError, GitRepo, Identity, TreeEntry
@@ -33,19 +36,43 @@ def creation_message(workflow: Workflow) -> str:
 
 
 def write_workflow_commit(
-    repo: GitRepo, workflow: Workflow, identity: Identity = RECONCILER
+    repo: GitRepo,
+    workflow: Workflow,
+    identity: Identity = RECONCILER,
+    writer: ObjectWriter | None = None,
 ) -> str:
-    """Write the first commit of a workflow ref (definition and PENDING state); move no ref."""
-    definition = repo.write_blob(dump(workflow.to_dict()).encode())
-    state = repo.write_blob(WorkflowStatus.initial(workflow).to_json().encode())
+    """Write the first commit of a workflow ref (definition and PENDING state); move no ref.
+
+    With ``writer`` the objects are written directly (no git process), which is how the
+    reconciler renders thousands of workflows a second.
+    """
+    definition = dump(workflow.to_dict()).encode()
+    state = WorkflowStatus.initial(workflow).to_json().encode()
+    message = creation_message(workflow)
+    if writer is not None:
+        tree = writer.files_tree({WORKFLOW_FILE: definition, STATE_FILE: state})
+        return writer.commit(tree, [], message, identity)
     root = repo.write_root(
         None,
         {
-            WORKFLOW_FILE: TreeEntry("100644", "blob", definition),
-            STATE_FILE: TreeEntry("100644", "blob", state),
+            WORKFLOW_FILE: TreeEntry("100644", "blob", repo.write_blob(definition)),
+            STATE_FILE: TreeEntry("100644", "blob", repo.write_blob(state)),
         },
     )
-    return repo.commit_tree(root, [], creation_message(workflow), identity)
+    return repo.commit_tree(root, [], message, identity)
+
+
+def _creation_lines(workflow: Workflow, commit: str) -> list[str]:
+    lines = [f"create {workflow_ref(workflow.id)} {commit}"]
+    lines += [
+        f"create {queue_ref(worker, workflow.id)} {commit}" for worker in workers_of(workflow)
+    ]
+    return lines
+
+
+def _transaction(repo: GitRepo, lines: list[str]) -> subprocess.CompletedProcess[bytes]:
+    payload = "start\n" + "".join(line + "\n" for line in lines) + "commit\n"
+    return repo.execute("update-ref", "--stdin", input=payload.encode())
 
 
 def publish_workflow(repo: GitRepo, workflow: Workflow, commit: str) -> bool:
@@ -54,12 +81,7 @@ def publish_workflow(repo: GitRepo, workflow: Workflow, commit: str) -> bool:
     Returns False when the workflow ref already exists (rendered before, maybe by a run that
     crashed before it could record that).
     """
-    lines = [f"create {workflow_ref(workflow.id)} {commit}"]
-    lines += [
-        f"create {queue_ref(worker, workflow.id)} {commit}" for worker in workers_of(workflow)
-    ]
-    payload = "start\n" + "".join(line + "\n" for line in lines) + "commit\n"
-    result = repo.execute("update-ref", "--stdin", input=payload.encode())
+    result = _transaction(repo, _creation_lines(workflow, commit))
     if result.returncode == 0:
         return True
     if repo.rev_parse(workflow_ref(workflow.id)) is not None:
@@ -67,15 +89,20 @@ def publish_workflow(repo: GitRepo, workflow: Workflow, commit: str) -> bool:
     raise GitError(["update-ref", "--stdin"], result.returncode, result.stderr.decode())
 
 
-def ensure_queue_refs(repo: GitRepo, head: WorkflowHead) -> None:
-    """Recreate any queue ref of a non-terminal workflow that is missing."""
-    if head.status.state.terminal:
-        return
-    first = repo.text("rev-list", "--max-parents=0", head.commit).split()[0]
-    for worker in workers_of(head.workflow):
-        ref = queue_ref(worker, head.workflow.id)
-        if repo.rev_parse(ref) is None:
-            repo.update_ref(ref, first, None)
+def publish_workflows(repo: GitRepo, rendered: list[tuple[Workflow, str]]) -> list[str]:
+    """Create the refs of many workflows; return the ids created by this call.
+
+    All go in one transaction (one ``git`` process, all or nothing). When that fails because
+    some already exist, each is tried on its own.
+    """
+    if not rendered:
+        return []
+    lines = [line for workflow, commit in rendered for line in _creation_lines(workflow, commit)]
+    if _transaction(repo, lines).returncode == 0:
+        return [workflow.id for workflow, _commit in rendered]
+    return [
+        workflow.id for workflow, commit in rendered if publish_workflow(repo, workflow, commit)
+    ]
 
 
 def list_workflow_ids(repo: GitRepo) -> dict[str, str]:

@@ -100,17 +100,6 @@ def test_rendered_workflow_immutable(repo: GitRepo) -> None:
     assert repo.rev_parse(workflow_ref("fixed")) == before
 
 
-def test_missing_queue_ref_repaired(repo: GitRepo) -> None:
-    add(repo, "workflows/q.yaml", request_text())
-    Reconciler(repo).reconcile()
-    repo.delete_ref(queue_ref(WORKER, "q"))
-    add(repo, "workflows/other.yaml", request_text())
-
-    Reconciler(repo).reconcile()
-
-    assert repo.rev_parse(queue_ref(WORKER, "q")) == repo.rev_parse(workflow_ref("q"))
-
-
 def test_concurrent_reconcilers_render_once(repo: GitRepo) -> None:
     for index in range(10):
         add(repo, f"workflows/c{index}.yaml", request_text())

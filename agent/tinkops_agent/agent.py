@@ -8,9 +8,11 @@ it is recorded FAILED with the reason (the restart policy).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import shutil
+import socket
 import threading
 import time
 from dataclasses import dataclass, replace
@@ -38,8 +40,9 @@ from tinkops_agent.protocol import (
     runnable_by,
     worker_key,
 )
-from tinkops_agent.remote import PushOutcome, Remote
+from tinkops_agent.remote import KeyRejected, PushOutcome, Remote
 from tinkops_agent.runtime import (
+    LABEL_AGENT,
     LABEL_WORKER,
     ActionSpecError,
     ContainerRuntimeError,
@@ -97,13 +100,17 @@ class Agent:
             f"tinkops agent {self.worker}", f"{worker_key(self.worker)}@agents.tinkops.invalid"
         )
         self._started: set[tuple[str, int]] = set()
+        # Several agents may serve one worker id by mistake; each knows its own actions by
+        # this id, derived from the host and the state folder so it survives restarts.
+        origin = f"{socket.gethostname()}:{config.state_dir.resolve()}"
+        self.instance = hashlib.sha256(origin.encode()).hexdigest()[:12]
 
     # --- the loop ---------------------------------------------------------------------------
 
     def run(self) -> None:
         """Work until ``stop`` is set: replay the outbox, then poll and run workflows."""
         log.info("agent %s started with %s", self.worker, self.runtime.describe())
-        removed = self.runtime.cleanup({LABEL_WORKER: self.worker})
+        removed = self.runtime.cleanup({LABEL_WORKER: self.worker, LABEL_AGENT: self.instance})
         if removed:
             log.warning("removed %d container(s) left by an earlier run", removed)
         delay = self.config.poll_interval
@@ -112,6 +119,11 @@ class Agent:
                 self.replay_outbox()
                 worked = self.step()
                 delay = self.config.poll_interval
+            except KeyRejected as error:
+                # The key may be added to the hardware record later: keep trying, slowly.
+                log.error("%s; retrying in %.1f s", error, delay)
+                worked = False
+                delay = min(delay * 2, self.config.max_retry_delay)
             except (ConnectionError, OSError) as error:
                 log.warning("provisioner unreachable (%s); retrying in %.1f s", error, delay)
                 worked = False
@@ -161,8 +173,21 @@ class Agent:
         """Run action ``index``; return the new head, or None when the workflow must stop."""
         workflow_id = head.workflow.id
         _task, action = head.workflow.flat_actions()[index]
-        if head.status.actions[index].state is State.RUNNING:
+        current = head.status.actions[index]
+        if current.state is State.RUNNING:
             if (workflow_id, index) not in self._started:
+                if (
+                    current.agent
+                    and current.agent != self.instance
+                    and not self._abandoned(head, index)
+                ):
+                    log.info(
+                        "workflow %s action %r runs under another agent (%s); leaving it",
+                        workflow_id,
+                        action.name,
+                        current.agent,
+                    )
+                    return None
                 return self._recover_restart(head, index)
         else:
             remaining = self._global_remaining(head)
@@ -170,7 +195,9 @@ class Agent:
                 message = f"global_timeout of {head.workflow.global_timeout} s exceeded"
                 self._record(head, index, State.TIMEOUT, message)
                 return None
-            head = self._record(head, index, State.RUNNING, "Started execution")
+            head = self._record(
+                head, index, State.RUNNING, "Started execution", agent=self.instance
+            )
         self._started.add((workflow_id, index))
 
         log.info("workflow %s: running action %r (%s)", workflow_id, action.name, action.image)
@@ -213,6 +240,7 @@ class Agent:
             spec = build_spec(head.workflow.id, index, task, action, workdir, budget)
             if budget is not None and spec.timeout is not None:
                 spec = replace(spec, timeout=min(spec.timeout, budget))
+            spec = replace(spec, labels={**spec.labels, LABEL_AGENT: self.instance})
         except (ActionSpecError, ValueError) as error:
             self._record(head, index, State.FAILED, f"could not run: {error}")
             return None
@@ -315,6 +343,15 @@ class Agent:
             log_tail=result.log_tail,
         )
 
+    def _abandoned(self, head: WorkflowHead, index: int) -> bool:
+        """Return whether another agent's RUNNING action outlived every limit it had."""
+        _task, action = head.workflow.flat_actions()[index]
+        limit = float(action.timeout) if action.timeout > 0 else self.config.default_action_timeout
+        started = head.status.actions[index].started_at
+        if limit is None or not started:
+            return False
+        return time.time() > parse_time(started) + limit + self.config.max_retry_delay
+
     def _recover_restart(self, head: WorkflowHead, index: int) -> WorkflowHead | None:
         """Apply the restart policy to an action that was RUNNING when the agent started."""
         _task, action = head.workflow.flat_actions()[index]
@@ -374,6 +411,7 @@ class Agent:
             spec = build_spec(
                 head.workflow.id, index, task, handler, workdir, self.config.default_action_timeout
             )
+            spec = replace(spec, labels={**spec.labels, LABEL_AGENT: self.instance})
             outcome = self.runtime.run(spec, self._log_path(head.workflow.id, index, handler.name))
         except (ActionSpecError, ContainerRuntimeError, ValueError) as error:
             message, seconds, tail = f"{kind} handler could not run: {error}", 0, ""
@@ -404,9 +442,16 @@ class Agent:
         log_tail: str = "",
         ephemeral: dict[str, bytes] | None = None,
         attempt: int = 0,
+        agent: str | None = None,
     ) -> WorkflowHead:
         status = apply_action_event(
-            head.status, index, state, at=utc_now(), seconds=seconds, message=message
+            head.status,
+            index,
+            state,
+            at=utc_now(),
+            seconds=seconds,
+            message=message,
+            agent=agent,
         )
         event = self._event(
             head,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -19,7 +20,14 @@ import yaml
 
 from tinkops_agent.agent import Agent, AgentConfig
 from tinkops_agent.gitrepo import GitRepo
-from tinkops_agent.remote import Endpoint, HostKeyError, Remote, pin_host_key, ssh_command
+from tinkops_agent.remote import (
+    Endpoint,
+    HostKeyError,
+    KeyRejected,
+    Remote,
+    pin_host_key,
+    ssh_command,
+)
 from tinkops_agent.runtime import Runtime
 
 log = logging.getLogger("tinkops_agent")
@@ -168,8 +176,21 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if options.get("verbose") else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    state_dir = Path(options["state_dir"])
-    endpoint = Endpoint.parse(options["provisioner"])
+    # git runs in other folders, so every path the agent hands it must be absolute.
+    state_dir = Path(options["state_dir"]).expanduser().resolve()
+    key = Path(options["key"]).expanduser().resolve()
+    if not key.is_file() or not os.access(key, os.R_OK):
+        print(
+            f"tinkops-agent: --key {key} is not a readable private key file; pass the key "
+            "whose public half is in this machine's hardware record",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        endpoint = Endpoint.parse(options["provisioner"])
+    except ValueError as error:
+        print(f"tinkops-agent: {error}", file=sys.stderr)
+        return 2
     known_hosts = state_dir / "known_hosts"
     try:
         pin_host_key(
@@ -191,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
     local = _local_repository(state_dir / "repository.git")
-    remote = Remote(local, options["provisioner"], ssh_command(Path(options["key"]), known_hosts))
+    remote = Remote(local, options["provisioner"], ssh_command(key, known_hosts))
     timeout = float(options["default_timeout"])
     config = AgentConfig(
         worker_id=options["worker_id"],
@@ -209,9 +230,16 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
     if options.get("once"):
-        agent.replay_outbox()
-        while agent.step() and not stop.is_set():
-            pass
+        try:
+            agent.replay_outbox()
+            while agent.step() and not stop.is_set():
+                pass
+        except KeyRejected as error:
+            print(f"tinkops-agent: {error}", file=sys.stderr)
+            return 2
+        except ConnectionError as error:
+            print(f"tinkops-agent: {error}", file=sys.stderr)
+            return 1
         return 0
     agent.run()
     return 0

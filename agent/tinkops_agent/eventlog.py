@@ -22,6 +22,9 @@ from tinkops_agent.protocol import (
     parse_event_message,
 )
 
+# libyaml's loader when PyYAML has it, else the pure-Python safe loader.
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
 
 def utc_now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -49,16 +52,32 @@ class WorkflowHead:
 
 def read_head(repo: GitRepo, commit: str) -> WorkflowHead:
     """Read the definition and state stored at ``commit`` of a workflow ref."""
-    definition = repo.read_file(commit, WORKFLOW_FILE)
-    state = repo.read_file(commit, STATE_FILE)
-    if definition is None or state is None:
-        raise ProtocolError(f"commit {commit[:12]} holds no {WORKFLOW_FILE} or {STATE_FILE}")
+    return read_heads(repo, [commit])[commit]
+
+
+def read_heads(repo: GitRepo, commits: list[str]) -> dict[str, WorkflowHead]:
+    """Read many workflow heads with one ``git cat-file``; raise ProtocolError on a bad one."""
+    names = [f"{c}:{name}" for c in commits for name in (WORKFLOW_FILE, STATE_FILE)]
+    contents = repo.read_objects(names)
+    heads = {}
+    for commit in commits:
+        definition = contents[f"{commit}:{WORKFLOW_FILE}"]
+        state = contents[f"{commit}:{STATE_FILE}"]
+        if definition is None or state is None:
+            raise ProtocolError(f"commit {commit[:12]} holds no {WORKFLOW_FILE} or {STATE_FILE}")
+        heads[commit] = WorkflowHead(
+            commit, parse_definition(definition, commit), WorkflowStatus.from_json(state)
+        )
+    return heads
+
+
+def parse_definition(definition: bytes, commit: str) -> Workflow:
     try:
-        data = yaml.safe_load(definition.decode())
-    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        data = yaml.load(definition.decode(), Loader=_LOADER)
+    except (yaml.YAMLError, UnicodeDecodeError, RecursionError) as error:
         raise ProtocolError(f"{WORKFLOW_FILE} at {commit[:12]} is unreadable: {error}") from error
-    # The definition is written with quoted strings, so safe_load keeps values as text.
-    return WorkflowHead(commit, Workflow.from_dict(data), WorkflowStatus.from_json(state))
+    # The definition is written with quoted strings, so the safe loader keeps values as text.
+    return Workflow.from_dict(data)
 
 
 def read_ephemeral(repo: GitRepo, commit: str) -> dict[str, bytes]:

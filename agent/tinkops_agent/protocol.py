@@ -262,6 +262,8 @@ class ActionStatus:
     started_at: str | None = None
     seconds: int = 0
     message: str = ""
+    agent: str = ""
+    """The agent instance that started the action (several agents may share a worker id)."""
 
 
 @dataclass(frozen=True)
@@ -336,6 +338,7 @@ class WorkflowStatus:
                         started_at=item.get("started_at"),
                         seconds=int(item.get("seconds") or 0),
                         message=str(item.get("message") or ""),
+                        agent=str(item.get("agent") or ""),
                     )
                     for item in data["actions"]
                 ),
@@ -489,6 +492,7 @@ def apply_action_event(
     at: str,
     seconds: int = 0,
     message: str = "",
+    agent: str | None = None,
 ) -> WorkflowStatus:
     """Return the status after action ``index`` moved to ``state``.
 
@@ -500,7 +504,12 @@ def apply_action_event(
     previous = status.actions[index]
     started_at = at if state is State.RUNNING else previous.started_at
     updated = replace(
-        previous, state=state, started_at=started_at, seconds=seconds, message=message
+        previous,
+        state=state,
+        started_at=started_at,
+        seconds=seconds,
+        message=message,
+        agent=previous.agent if agent is None else agent,
     )
     actions = (*status.actions[:index], updated, *status.actions[index + 1 :])
 

@@ -30,6 +30,10 @@ class HostKeyError(RuntimeError):
     """The provisioner's host key is not the one the agent was told to trust."""
 
 
+class KeyRejected(ConnectionError):
+    """The provisioner does not accept the agent's key."""
+
+
 class PushOutcome(Enum):
     ACCEPTED = "accepted"
     REJECTED = "rejected"
@@ -197,6 +201,16 @@ class Remote:
         try:
             self.local.run(*args, env=self.env)
         except GitError as error:
+            if "Permission denied" in error.stderr:
+                raise KeyRejected(
+                    "the provisioner rejected this agent's key; add its public key to "
+                    "agent.keys of this machine's hardware record (and check --key)"
+                ) from error
+            if "Host key verification failed" in error.stderr:
+                raise ConnectionError(
+                    "the provisioner's host key does not match the pinned one; check "
+                    "--host-key / --host-key-fingerprint"
+                ) from error
             raise ConnectionError(
                 f"git {args[0]} from the provisioner failed: {_last_lines(error.stderr)}"
             ) from error

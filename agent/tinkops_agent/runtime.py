@@ -28,6 +28,8 @@ LABEL_WORKER = "tinkops.worker"
 LABEL_TASK = "tinkops.task"
 LABEL_ACTION = "tinkops.action"
 LABEL_ACTION_INDEX = "tinkops.action-index"
+LABEL_AGENT = "tinkops.agent"
+"""The agent instance that started the container, so cleanup removes only its own."""
 
 LOG_TAIL_MAX_LINES = 50
 LOG_TAIL_MAX_BYTES = 8192

@@ -458,3 +458,123 @@ def test_on_failure_handler_recorded(served: Served, tmp_path: Path, busybox_ima
         ]
     )
     assert "Tinkops-Event: handler" in log
+
+
+def test_retries_recorded_then_success(served: Served, tmp_path: Path, busybox_image: str) -> None:
+    clone = served.clone(tmp_path / "operator")
+    script = (
+        "n=$(cat /workflow/tries 2>/dev/null || echo 0); n=$((n + 1)); "
+        'echo $n > /workflow/tries; test "$n" -ge 3'
+    )
+    text = template(
+        "flaky",
+        [
+            (
+                "{{ device_1 }}",
+                [
+                    action("flaky", script, busybox_image, retries=3),
+                ],
+            )
+        ],
+    )
+    push_files(
+        served,
+        clone,
+        {"templates/flaky.yaml": text, "workflows/flaky-1.yaml": request("flaky")},
+        "Request flaky-1",
+    )
+    served.start_agent(tmp_path / "agent")
+
+    assert finished(served, "flaky-1")["Workflow State"] == "SUCCESS"
+    history = events(served, "flaky-1")
+    assert [e["action_status"] for e in history] == ["STATE_RUNNING"] * 3 + ["STATE_SUCCESS"]
+    assert history[1]["message"].startswith("attempt 1 of 4 failed (exited with code 1")
+    assert history[2]["message"].startswith("attempt 2 of 4 failed (exited with code 1")
+    assert history[3]["message"].startswith("exited with code 0")
+    assert ephemeral(served, "flaky-1", "tries") == b"3\n"
+
+
+def test_cancel_stops_running_container(
+    served: Served, tmp_path: Path, busybox_image: str, docker_client: object
+) -> None:
+    clone = served.clone(tmp_path / "operator")
+    text = template(
+        "cancel",
+        [
+            (
+                "{{ device_1 }}",
+                [
+                    action("long", "sleep 60", busybox_image, timeout=120),
+                    action("after", "echo never > /workflow/after", busybox_image),
+                ],
+            )
+        ],
+    )
+    push_files(
+        served,
+        clone,
+        {"templates/cancel.yaml": text, "workflows/cancel-1.yaml": request("cancel")},
+        "Request",
+    )
+    served.start_agent(tmp_path / "agent")
+    wait_running(served, "cancel-1", "long")
+
+    push_files(
+        served,
+        clone,
+        {"workflows/cancel-1.yaml": request("cancel") + "cancel: true\n"},
+        "Cancel cancel-1",
+    )
+    state = finished(served, "cancel-1", timeout=60)
+
+    assert state["Workflow State"] == "CANCELLED"
+    wait_for(lambda: len(events(served, "cancel-1")) == 3, 30, "the agent's stop event")
+    observed = [(e["action_name"], e["action_status"]) for e in events(served, "cancel-1")]
+    assert observed == [("long", "STATE_RUNNING"), ("", "CANCELLED"), ("long", "STATE_CANCELLED")]
+    assert "container stopped" in events(served, "cancel-1")[-1]["message"]
+    assert ephemeral(served, "cancel-1", "after") is None
+    running = docker_client.containers.list(  # type: ignore[attr-defined]
+        filters={"label": "tinkops.workflow=cancel-1"}
+    )
+    assert running == []
+
+
+def test_reboot_action_succeeds_across_restart(
+    served: Served, tmp_path: Path, busybox_image: str
+) -> None:
+    clone = served.clone(tmp_path / "operator")
+    text = template(
+        "reboot",
+        [
+            (
+                "{{ device_1 }}",
+                [
+                    action("reboot", "sleep 30", busybox_image, reboot=True),
+                    action("after reboot", "echo booted > /workflow/after", busybox_image),
+                ],
+            )
+        ],
+    )
+    push_files(
+        served,
+        clone,
+        {"templates/reboot.yaml": text, "workflows/reboot-1.yaml": request("reboot")},
+        "Request",
+    )
+    agent = served.start_agent(tmp_path / "agent")
+    wait_running(served, "reboot-1", "reboot")
+    os.kill(agent.pid, signal.SIGKILL)  # the machine goes down mid-action, as a reboot does
+    agent.wait()
+
+    served.start_agent(tmp_path / "agent")
+    state = finished(served, "reboot-1")
+
+    assert state["Workflow State"] == "SUCCESS"
+    observed = [(e["action_name"], e["action_status"]) for e in events(served, "reboot-1")]
+    assert observed == [
+        ("reboot", "STATE_RUNNING"),
+        ("reboot", "STATE_SUCCESS"),
+        ("after reboot", "STATE_RUNNING"),
+        ("after reboot", "STATE_SUCCESS"),
+    ]
+    assert ephemeral(served, "reboot-1", "after") == b"booted\n"

@@ -137,9 +137,10 @@ class Reconciler:
         if self.writer is not None:
             self.writer.batch()
         for workflow_id in sorted(snapshot.requests):
-            if workflow_id in rendered:
-                continue
             request = snapshot.requests[workflow_id]
+            if workflow_id in rendered or request.cancel:
+                # A request cancelled before it was rendered never becomes a workflow.
+                continue
             try:
                 workflow = plan_workflow(snapshot, request, self.clock())
             except InvalidContent as error:
@@ -166,7 +167,8 @@ class Reconciler:
                 )
 
         self._write_status(status, tip, snapshot.problems, failed)
-        supervision = supervise(self.repo, grace=self.timeout_grace)
+        cancelled = {wid for wid, request in snapshot.requests.items() if request.cancel}
+        supervision = supervise(self.repo, cancelled=cancelled, grace=self.timeout_grace)
         return PassResult(
             commit=tip,
             created=tuple(created),

@@ -25,7 +25,7 @@ from tinkops.schema import RECORD_NAME, RECORD_NAME_RULE, Reader
 from tinkops.yamltext import Document, Path_
 from tinkops_agent.protocol import WORKFLOW_ID_PATTERN, worker_key
 
-REQUEST_KEYS = ("template", "hardware_map", "values")
+REQUEST_KEYS = ("template", "hardware_map", "values", "cancel")
 RESOURCE_KEYS = ("apiVersion", "kind", "metadata", "spec", "status", "values")
 RESOURCE_SPEC_KEYS = ("templateRef", "hardwareRef", "hardwareMap", "bootOptions")
 # Keys of the device map become template names ({{ device_1 }} or {{.device_1}}).
@@ -41,6 +41,8 @@ class WorkflowRequest:
     values: Mapping[str, Any] = field(default_factory=dict)
     lines: Mapping[str, int | None] = field(default_factory=dict, compare=False)
     """The line of ``template`` and of each device of the map, for problems found later."""
+    cancel: bool = False
+    """Set on an already rendered request to ask the provisioner to end its workflow."""
 
 
 def valid_workflow_id(name: str) -> bool:
@@ -83,6 +85,7 @@ def parse_request(
         )
     _check_devices(reader, map_path, hardware_map)
     values = reader.mapping(("values",), optional=True) or {}
+    cancel = bool(reader.boolean(("cancel",)))
     if len(problems) > before:
         return None
     lines = {device: document.line((*map_path, device)) for device in hardware_map}
@@ -94,6 +97,7 @@ def parse_request(
         hardware_map=hardware_map,
         values=values,
         lines=lines,
+        cancel=cancel,
     )
 
 

@@ -117,7 +117,9 @@ class Reader:
             return None
         return value
 
-    def integer(self, path: Path_, *, minimum: int | None = None) -> int | None:
+    def integer(
+        self, path: Path_, *, minimum: int | None = None, maximum: int | None = None
+    ) -> int | None:
         value = self.string(path)
         if value is None:
             return None
@@ -128,6 +130,11 @@ class Reader:
         if minimum is not None and number < minimum:
             self.problem(
                 path, f"{number} is below the minimum of {minimum}", f"use {minimum} or more"
+            )
+            return None
+        if maximum is not None and number > maximum:
+            self.problem(
+                path, f"{number} is above the maximum of {maximum}", f"use {maximum} or less"
             )
             return None
         return number

@@ -32,7 +32,12 @@ ACTION_KEYS = (
     "volumes",
     "environment",
     "pid",
+    # tinkops extensions: extra attempts after a failure, and "this action reboots".
+    "retries",
+    "reboot",
 )
+# Extra attempts are bounded so one action cannot loop for hours within a long timeout.
+MAX_RETRIES = 10
 # Tinkerbell accepts names of 1 to 199 bytes. Tinkerbell v0.6 also limited a template's
 # name to these characters, because its database column had this check.
 MAX_NAME_BYTES = 199
@@ -265,6 +270,8 @@ def _parse_action(reader: Reader, path: Path_) -> Action | None:
         volumes=volumes,
         environment=environment,
         pid=pid,
+        retries=reader.integer((*path, "retries"), minimum=0, maximum=MAX_RETRIES) or 0,
+        reboot=bool(reader.boolean((*path, "reboot"))),
     )
 
 

@@ -20,9 +20,10 @@ from typing import Any
 import yaml
 
 from tinkops.errors import InvalidContent, Problem
+from tinkops.incremental import IncrementalReader
 from tinkops.objectwriter import ObjectWriter
 from tinkops.planner import plan_workflow
-from tinkops.repository import SnapshotReader
+from tinkops.repository import WORKFLOWS_DIR
 from tinkops.supervisor import DEFAULT_GRACE, supervise
 from tinkops.workflows import (
     RECONCILER,
@@ -32,7 +33,7 @@ from tinkops.workflows import (
 )
 from tinkops.yamltext import dump
 from tinkops_agent.gitrepo import GitRepo, TreeEntry
-from tinkops_agent.protocol import STATUS_REF, State, Workflow
+from tinkops_agent.protocol import STATUS_REF, State, Workflow, workflow_ref
 
 log = logging.getLogger(__name__)
 
@@ -113,8 +114,12 @@ class Reconciler:
         self.timeout_grace = timeout_grace
         # Bare repositories get their objects written directly, in one pack per pass.
         self.writer = ObjectWriter(repo.path) if (repo.path / "objects").is_dir() else None
-        self.reader = SnapshotReader(repo)
+        self.reader = IncrementalReader(repo)
         self._lock = threading.Lock()
+        # What the pass needs to know without listing every workflow ref or request each time:
+        # the ids rendered so far, and the requests still waiting (failed, or not yet seen).
+        self._rendered: set[str] | None = None
+        self._pending: set[str] = set()
 
     def reconcile(self) -> PassResult:
         """Run one pass; safe to call from several threads (passes run one at a time)."""
@@ -130,13 +135,25 @@ class Reconciler:
             )
         status = read_status(self.repo, self.branch)
         snapshot = self.reader.read(tip)
-        rendered = list_workflow_ids(self.repo)
+        if self._rendered is None:
+            self._rendered = set(list_workflow_ids(self.repo))
+        rendered = self._rendered
+        if self.reader.changed is None:
+            candidates = set(snapshot.requests)
+        else:
+            changed = {
+                path.rpartition("/")[2].rsplit(".", 1)[0]
+                for path in self.reader.changed
+                if path.startswith(WORKFLOWS_DIR + "/")
+            }
+            candidates = self._pending | changed
+        candidates = {wid for wid in candidates if wid in snapshot.requests} - rendered
 
         failed: dict[str, list[str]] = {}
         rendered_now: list[tuple[Workflow, str]] = []
         if self.writer is not None:
             self.writer.batch()
-        for workflow_id in sorted(snapshot.requests):
+        for workflow_id in sorted(candidates):
             request = snapshot.requests[workflow_id]
             if workflow_id in rendered or request.cancel:
                 # A request cancelled before it was rendered never becomes a workflow.
@@ -156,6 +173,11 @@ class Reconciler:
         if self.writer is not None:
             self.writer.flush()
         created = publish_workflows(self.repo, rendered_now)
+        for workflow, _commit in rendered_now:
+            # Ids another reconciler created first are rendered all the same.
+            if workflow.id in created or self.repo.rev_parse(workflow_ref(workflow.id)):
+                rendered.add(workflow.id)
+        self._pending = candidates - rendered
         for workflow, commit in rendered_now:
             if workflow.id in created:
                 log.info(

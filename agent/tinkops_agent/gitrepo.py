@@ -184,6 +184,24 @@ class GitRepo:
             resolved[name] = fields[0] if len(fields) == 3 else None
         return resolved
 
+    def object_sizes(self, shas: Sequence[str]) -> dict[str, int]:
+        """Return the size of each object, read by one ``git cat-file --batch-check``."""
+        unique = list(dict.fromkeys(shas))
+        if not unique:
+            return {}
+        out = self.text(
+            "cat-file",
+            "--batch-check=%(objectname) %(objectsize)",
+            input="".join(s + "\n" for s in unique).encode(),
+        )
+        sizes: dict[str, int] = {}
+        for sha, line in zip(unique, out.splitlines(), strict=True):
+            fields = line.split()
+            if len(fields) != 2 or not fields[1].isdigit():
+                raise GitError(["cat-file", "--batch-check"], 1, f"object {sha} is missing")
+            sizes[sha] = int(fields[1])
+        return sizes
+
     def read_blobs(self, shas: Sequence[str]) -> dict[str, bytes]:
         """Return the content of many blobs, read by one ``git cat-file --batch``."""
         if not shas:

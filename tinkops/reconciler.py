@@ -21,6 +21,7 @@ import yaml
 
 from tinkops.errors import InvalidContent, Problem
 from tinkops.incremental import IncrementalReader
+from tinkops.maintenance import archived_ids, maintain
 from tinkops.objectwriter import ObjectWriter
 from tinkops.planner import plan_workflow
 from tinkops.repository import WORKFLOWS_DIR
@@ -136,7 +137,8 @@ class Reconciler:
         status = read_status(self.repo, self.branch)
         snapshot = self.reader.read(tip)
         if self._rendered is None:
-            self._rendered = set(list_workflow_ids(self.repo))
+            # Archived workflows keep their requests on main; they must never render again.
+            self._rendered = set(list_workflow_ids(self.repo)) | set(archived_ids(self.repo))
         rendered = self._rendered
         if self.reader.changed is None:
             candidates = set(snapshot.requests)
@@ -244,9 +246,14 @@ class ReconcileLoop:
         poll_interval: float = 30.0,
         debounce: float = 0.02,
         on_pass: Callable[[float, PassResult | None], None] | None = None,
+        maintenance_interval: float = 3600.0,
+        archive_after_days: float | None = None,
     ) -> None:
         self.reconciler = reconciler
         self.on_pass = on_pass
+        self.maintenance_interval = maintenance_interval
+        self.archive_after_days = archive_after_days
+        self._maintained_at = time.monotonic()
         self.poll_interval = poll_interval
         self.debounce = debounce
         self._wake = threading.Event()
@@ -295,8 +302,19 @@ class ReconcileLoop:
                 log.exception("reconcile pass failed; retrying on the next trigger")
             if self.on_pass is not None:
                 self.on_pass(time.monotonic() - started, result)
+            if time.monotonic() - self._maintained_at > self.maintenance_interval:
+                self._maintain()
             self.passes += 1
         log.info("reconciler stopped")
+
+    def _maintain(self) -> None:
+        self._maintained_at = time.monotonic()
+        try:
+            maintain(self.reconciler.repo, archive_after_days=self.archive_after_days)
+        except Exception:
+            log.exception(
+                "repository maintenance failed; retrying in %.0f s", self.maintenance_interval
+            )
 
 
 def _watch_refs(repository: Path, callback: Callable[[], None]) -> Any:

@@ -113,7 +113,10 @@ def list_workflow_ids(repo: GitRepo) -> dict[str, str]:
 
 
 def load_workflow(repo: GitRepo, workflow_id: str) -> WorkflowHead:
-    commit = repo.rev_parse(workflow_ref(workflow_id))
+    """Read a workflow by id, from the active refs or else from the archive."""
+    commit = repo.rev_parse(workflow_ref(workflow_id)) or repo.rev_parse(
+        f"refs/tinkops/archive/{workflow_id}"
+    )
     if commit is None:
         raise NotFound(
             f"workflow {workflow_id!r} not found; list them with 'tinkops workflow list'"

@@ -460,20 +460,30 @@ def index_by_worker(
     """Return every worker id mapped to its record; a MAC or IP owned twice is a problem."""
     owners: dict[str, Hardware] = {}
     addresses: dict[str, Hardware] = {}
+    contested: set[str] = set()
     for record in sorted(records.values(), key=lambda r: r.file):
         for worker in record.worker_ids:
             owner = owners.get(worker)
             if owner is not None and owner.name != record.name:
-                interface = next((i for i in record.interfaces if i.mac == worker), None)
-                problems.append(
-                    Problem(
-                        record.file,
-                        interface.line if interface else record.id_line,
-                        f"{interface.path}.dhcp.mac" if interface else "agent.id",
-                        f"{worker} is already owned by {owner.file}",
-                        "each MAC and agent id must belong to one record",
-                    )
+                # Neither record gets the MAC: a request for it must not run on whichever
+                # file happens to sort first, with that file's disks and keys.
+                contested.add(worker)
+                claims = (
+                    (record, f"is already owned by {owner.file}"),
+                    (owner, f"is also claimed by {record.file}"),
                 )
+                for claimant, claim in claims:
+                    interface = next((i for i in claimant.interfaces if i.mac == worker), None)
+                    problems.append(
+                        Problem(
+                            claimant.file,
+                            interface.line if interface else claimant.id_line,
+                            f"{interface.path}.dhcp.mac" if interface else "agent.id",
+                            f"{worker} {claim}; no workflow runs on it until one record "
+                            "gives it up",
+                            "each MAC and agent id must belong to one record",
+                        )
+                    )
                 continue
             owners[worker] = record
         for interface in record.interfaces:
@@ -490,6 +500,8 @@ def index_by_worker(
                         "give every machine its own address",
                     )
                 )
+    for worker in contested:
+        owners.pop(worker, None)
     return owners
 
 

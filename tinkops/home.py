@@ -2,16 +2,17 @@
 
 A provisioner home holds::
 
-    config.yaml           listen address, port, branch, operators' keys
+    config.yaml           listen address, port, branch, push policy, limits, operators' keys
     host_ed25519_key      the SSH host key, generated once and kept
     repository.git/       the infrastructure repository (bare)
     keys/                 private keys that ``init`` generated (operator, agents)
+    audit.log             one JSON line per push over SSH: who, which refs, the decision
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ import yaml
 
 from tinkops.errors import ConfigError
 from tinkops.identities import generate_ed25519_key
+from tinkops.limits import ServerLimits
 from tinkops.prereceive import install_hooks
 from tinkops.repository import HARDWARE_DIR, WORKFLOWS_DIR
 from tinkops_agent.gitrepo import Identity, init_bare
@@ -27,6 +29,7 @@ CONFIG_FILE = "config.yaml"
 HOST_KEY_FILE = "host_ed25519_key"
 REPOSITORY_DIR = "repository.git"
 KEYS_DIR = "keys"
+AUDIT_LOG_FILE = "audit.log"
 REPO_NAME = "tinkops.git"
 DEFAULT_PORT = 2222
 INIT_IDENTITY = Identity("tinkops init", "init@tinkops.invalid")
@@ -49,6 +52,9 @@ class ProvisionerConfig:
     timeout_grace: float = 10.0
     """Seconds after a workflow's global_timeout before the provisioner records TIMEOUT
     itself (the agent records it at the deadline when it is alive)."""
+    allow_force_push_main: bool = False
+    """Let operators push a main branch that does not contain the current one (a rewrite)."""
+    limits: ServerLimits = field(default_factory=ServerLimits)
     operators: list[Operator] = field(default_factory=list)
 
     @property
@@ -59,6 +65,10 @@ class ProvisionerConfig:
     def host_key_path(self) -> Path:
         return self.home / HOST_KEY_FILE
 
+    @property
+    def audit_log_path(self) -> Path:
+        return self.home / AUDIT_LOG_FILE
+
     def save(self) -> None:
         data = {
             "listen": self.listen,
@@ -66,6 +76,8 @@ class ProvisionerConfig:
             "branch": self.branch,
             "poll_interval": self.poll_interval,
             "timeout_grace": self.timeout_grace,
+            "allow_force_push_main": self.allow_force_push_main,
+            "limits": self.limits.to_mapping(),
             "operators": [{"name": op.name, "key": op.key} for op in self.operators],
         }
         (self.home / CONFIG_FILE).write_text(yaml.safe_dump(data, sort_keys=False))
@@ -77,9 +89,20 @@ class ProvisionerConfig:
             raise ConfigError(f"{path} not found; create a provisioner with 'tinkops init {home}'")
         try:
             data: dict[str, Any] = yaml.safe_load(path.read_text()) or {}
+            unknown = sorted(set(data) - _CONFIG_KEYS)
+            if unknown:
+                raise ConfigError(
+                    f"{path}: unknown keys {', '.join(map(str, unknown))} "
+                    f"(known: {', '.join(sorted(_CONFIG_KEYS))})"
+                )
             operators = [
                 Operator(str(op["name"]), str(op["key"])) for op in data.get("operators") or []
             ]
+            force_push = data.get("allow_force_push_main", False)
+            if not isinstance(force_push, bool):
+                raise ConfigError(
+                    f"{path}: allow_force_push_main is {force_push!r}; expected true or false"
+                )
             return cls(
                 home=home,
                 listen=str(data.get("listen", "127.0.0.1")),
@@ -87,12 +110,18 @@ class ProvisionerConfig:
                 branch=str(data.get("branch", "main")),
                 poll_interval=float(data.get("poll_interval", 30.0)),
                 timeout_grace=float(data.get("timeout_grace", 10.0)),
+                allow_force_push_main=force_push,
+                limits=ServerLimits.from_mapping(data.get("limits") or {}, str(path)),
                 operators=operators,
             )
-        except (yaml.YAMLError, KeyError, TypeError, ValueError) as error:
+        except (yaml.YAMLError, KeyError, TypeError, ValueError, AttributeError) as error:
             raise ConfigError(
                 f"{path}: {error}; fix the file or run 'tinkops init' again"
             ) from error
+
+
+# Every field but the home folder is a key of config.yaml.
+_CONFIG_KEYS = frozenset(f.name for f in fields(ProvisionerConfig)) - {"home"}
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,8 @@ import paramiko
 from tinkops.errors import ConfigError
 from tinkops.home import REPO_NAME, Operator, ProvisionerConfig
 from tinkops.identities import Principal, Role, key_fingerprint, parse_public_key
-from tinkops.prereceive import install_hooks
+from tinkops.observe import Metrics, MetricsServer
+from tinkops.prereceive import HookSettings, install_hooks
 from tinkops.reconciler import ReconcileLoop, Reconciler
 from tinkops.repository import SnapshotReader
 from tinkops.sshserver import GitSSHServer
@@ -66,13 +67,25 @@ class RepositoryKeyDirectory:
 class Provisioner:
     """The reconciler loop and the SSH endpoint of one provisioner home, running together."""
 
-    def __init__(self, config: ProvisionerConfig) -> None:
+    def __init__(self, config: ProvisionerConfig, *, metrics_port: int | None = None) -> None:
         self.config = config
         self.repo = GitRepo(config.repository)
         if not (config.repository / "HEAD").exists():
             raise ConfigError(f"no repository at {config.repository}; run 'tinkops init'")
+        self.metrics = Metrics(self.repo, config.branch)
+        self.metrics_server = (
+            MetricsServer(self.metrics, config.listen, metrics_port)
+            if metrics_port is not None
+            else None
+        )
         self.reconciler = Reconciler(self.repo, config.branch, timeout_grace=config.timeout_grace)
-        self.loop = ReconcileLoop(self.reconciler, poll_interval=config.poll_interval)
+        self.loop = ReconcileLoop(
+            self.reconciler,
+            poll_interval=config.poll_interval,
+            on_pass=lambda seconds, result: self.metrics.record_pass(
+                seconds, len(result.created) if result else 0, failed=result is None
+            ),
+        )
         host_key = paramiko.Ed25519Key.from_private_key_file(str(config.host_key_path))
         self.host_key_line = f"{host_key.get_name()} {host_key.get_base64()}"
         self.host_key_fingerprint = key_fingerprint(host_key)
@@ -85,6 +98,12 @@ class Provisioner:
             port=config.port,
             repo_name=REPO_NAME,
             on_push=lambda _principal: self.loop.trigger(),
+            limits=config.limits,
+            hook_settings=HookSettings(
+                main_branch=config.branch,
+                allow_force_push_main=config.allow_force_push_main,
+                audit_log=config.audit_log_path,
+            ),
         )
 
     @property
@@ -96,9 +115,16 @@ class Provisioner:
         self.loop.start(watch=self.config.repository)
         self.loop.trigger()
         self.server.start()
+        if self.metrics_server is not None:
+            self.metrics_server.start()
+            log.info(
+                "metrics on http://%s:%d/metrics", self.config.listen, self.metrics_server.port
+            )
         log.info("provisioner serving %s (host key %s)", self.url, self.host_key_fingerprint)
 
     def stop(self) -> None:
+        if self.metrics_server is not None:
+            self.metrics_server.stop()
         self.server.stop()
         self.loop.stop()
 

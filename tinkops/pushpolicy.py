@@ -5,12 +5,14 @@ nothing. Inside the pre-receive hook, the objects it reads include the pushed on
 in quarantine. The rules:
 
 - Operators push branches (``refs/heads/*``) only. The main branch moves by fast-forward
-  only and is never deleted. ``refs/tinkops/*`` belongs to the provisioner and its workers.
+  only, unless ``allow_force_push_main`` is set, and is never deleted. ``refs/tinkops/*``
+  belongs to the provisioner and its workers.
 - Workers only append to existing ``refs/tinkops/workflows/<id>`` refs of workflows that
   have a task for them, by fast-forward. Each new commit has one parent, leaves
-  ``workflow.yaml`` untouched, changes only ``state.json`` and ``ephemeral/``, holds a valid
+  ``workflow.yaml`` untouched, changes only ``state.json`` and ``ephemeral/``, contains a valid
   ``state.json`` and records one event of an action that this worker runs, and changes the state
-  of that action only. The files under ``ephemeral/`` total at most 10 MiB.
+  of that action only. In every new commit, the files under ``ephemeral/`` total at most
+  10 MiB.
 """
 
 from __future__ import annotations
@@ -99,14 +101,21 @@ def check_push(
     updates: Sequence[RefUpdate],
     *,
     main_branch: str = "main",
+    allow_force_push_main: bool = False,
     ephemeral_limit: int = EPHEMERAL_LIMIT,
     max_commits: int = MAX_COMMITS_PER_UPDATE,
 ) -> list[Rejection]:
-    """Return every rejection among ``updates`` pushed by ``principal`` (empty: allowed)."""
+    """Return every rejection among ``updates`` pushed by ``principal`` (empty: allowed).
+
+    ``allow_force_push_main`` lets operators move the main branch to a commit that does not
+    contain its current tip (a force push). Nobody may delete the main branch.
+    """
     rejections: list[Rejection] = []
     for update in updates:
         if principal.role is Role.OPERATOR:
-            reasons = _check_operator_update(repo, update, BRANCH_PREFIX + main_branch)
+            reasons = _check_operator_update(
+                repo, update, BRANCH_PREFIX + main_branch, allow_force_push_main
+            )
         else:
             checker = _WorkerUpdateChecker(principal, repo, ephemeral_limit, max_commits)
             reasons = checker.check(update)
@@ -117,7 +126,9 @@ def check_push(
 # --- operators ------------------------------------------------------------------------------
 
 
-def _check_operator_update(repo: GitRepo, update: RefUpdate, main_ref: str) -> list[str]:
+def _check_operator_update(
+    repo: GitRepo, update: RefUpdate, main_ref: str, allow_force_push_main: bool
+) -> list[str]:
     if update.ref.startswith(TINKOPS_PREFIX):
         return [
             "refs/tinkops/ is written only by the provisioner and its workers; "
@@ -130,7 +141,9 @@ def _check_operator_update(repo: GitRepo, update: RefUpdate, main_ref: str) -> l
 
     if update.deletes:
         return [f"the main branch {main_ref} cannot be deleted"]
-    if not update.creates and not repo.is_ancestor(update.old, update.new):
+    if allow_force_push_main or update.creates:
+        return []
+    if not repo.is_ancestor(update.old, update.new):
         return [
             f"{main_ref} moves only by fast-forward, and {_short(update.new)} does not contain "
             f"{_short(update.old)}; fetch, rebase or merge, and push again"
@@ -179,9 +192,7 @@ class _WorkerUpdateChecker:
                 f"{_short(update.old)}; fetch the workflow ref, re-apply the event "
                 "and push again"
             ]
-        reasons = self._check_commits(workflow, update)
-        reasons += self._check_ephemeral(update.new)
-        return reasons
+        return self._check_commits(workflow, update)
 
     def _load_workflow(self, commit: str) -> tuple[Workflow | None, list[str]]:
         data = self.repo.read_file(commit, WORKFLOW_FILE)
@@ -233,6 +244,9 @@ class _WorkerUpdateChecker:
         self, workflow: Workflow, parent: str, commit: str, message: str
     ) -> list[str]:
         reasons = self._check_changed_paths(parent, commit)
+        # Every commit stays in the workflow's history, so the limit applies to each one, not
+        # only to the tip: otherwise a push could carry any amount that a later commit drops.
+        reasons += self._check_ephemeral(commit)
         status, state_reasons = self._load_state(workflow, commit)
         event, event_reasons = self._check_event(workflow, commit, message)
         reasons += state_reasons + event_reasons

@@ -7,6 +7,7 @@ tests at the end push through a real receive-pack, so there the policy reads qua
 from __future__ import annotations
 
 import io
+import json
 import os
 import subprocess
 from dataclasses import dataclass
@@ -14,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from tinkops.audit import Decision, Stage, read_records
 from tinkops.identities import Principal, Role, principal_environment
-from tinkops.prereceive import install_hooks, main_branch, run_hook
+from tinkops.prereceive import HookSettings, install_hooks, main_branch, run_hook
 from tinkops.pushpolicy import EPHEMERAL_LIMIT, RefUpdate, Rejection, check_push, parse_updates
 from tinkops.workflows import write_workflow_commit
 from tinkops_agent.eventlog import append_event
@@ -186,6 +188,18 @@ def test_ephemeral_limit_is_inclusive(scene: Scene) -> None:
 
     assert check_push(NODE_A, scene.repo, [scene.update("wf-a", at_limit)]) == []
     assert "over the limit of 10485760 bytes" in reasons(scene, NODE_A, scene.update("wf-a", over))
+
+
+def test_ephemeral_limit_checked_per_commit(scene: Scene) -> None:
+    # The first commit carries 11 MiB that the second drops: the tip is small, but the history
+    # that the repository keeps is not.
+    big = scene.event("wf-a", 0, ephemeral={"disk.img": b"x" * (EPHEMERAL_LIMIT + 1)})
+    dropped = scene.event("wf-a", 0, parent=big, state=State.SUCCESS, ephemeral={})
+
+    text = reasons(scene, NODE_A, scene.update("wf-a", dropped))
+
+    assert f"ephemeral data at {big[:12]} is {EPHEMERAL_LIMIT + 1} bytes" in text
+    assert dropped[:12] not in text
 
 
 # --- workers: rejected ----------------------------------------------------------------------
@@ -445,6 +459,21 @@ def test_operator_other_branches_free(scene: Scene) -> None:
     assert check_push(OPERATOR, scene.repo, updates) == []
 
 
+def test_operator_force_push_main_configurable(scene: Scene) -> None:
+    unrelated = operator_commit(scene, None, b"rewritten\n")
+    rewrite = RefUpdate(scene.main, unrelated, "refs/heads/main")
+    delete = RefUpdate(scene.main, ZERO_SHA, "refs/heads/main")
+
+    allowed = check_push(OPERATOR, scene.repo, [rewrite], allow_force_push_main=True)
+    deleted = check_push(OPERATOR, scene.repo, [delete], allow_force_push_main=True)
+    worker = check_push(NODE_A, scene.repo, [rewrite], allow_force_push_main=True)
+
+    assert allowed == []
+    assert len(deleted) == 1
+    assert "cannot be deleted" in deleted[0].reason
+    assert len(worker) == 1
+
+
 def test_operator_main_branch_configurable(scene: Scene) -> None:
     unrelated = operator_commit(scene, None, b"rewritten\n")
     updates = [RefUpdate(scene.main, unrelated, "refs/heads/main")]
@@ -498,6 +527,118 @@ def test_hook_prints_each_rejection(scene: Scene) -> None:
     assert status == 1
     assert stderr.getvalue().startswith("tinkops: rejected refs/tinkops/workflows/wf-b: ")
     assert stderr.getvalue().count("\n") == 1
+
+
+def audited_environment(principal: Principal, audit_log: Path, **extra: str) -> dict[str, str]:
+    return {
+        **principal_environment(principal),
+        **HookSettings(audit_log=audit_log).environment(),
+        "TINKOPS_REMOTE_ADDRESS": "192.0.2.7:40000",
+        **extra,
+    }
+
+
+def test_hook_audits_rejection(scene: Scene, tmp_path: Path) -> None:
+    bad = scene.event("wf-b", 0)
+    lines = [f"{scene.first['wf-b']} {bad} {workflow_ref('wf-b')}\n"]
+    audit_log = tmp_path / "audit.log"
+
+    status = run_hook(scene.repo, audited_environment(NODE_A, audit_log), lines, io.StringIO())
+
+    assert status == 1
+    [record] = read_records(audit_log)
+    assert record.decision is Decision.REJECTED
+    assert record.stage is Stage.POLICY
+    assert (record.role, record.principal, record.fingerprint) == (
+        "worker",
+        "node-a",
+        "SHA256:node-a",
+    )
+    assert record.worker_ids == (WORKER_A,)
+    assert record.remote_address == "192.0.2.7:40000"
+    assert [(c.ref, c.old, c.new) for c in record.refs] == [
+        (workflow_ref("wf-b"), scene.first["wf-b"], bad)
+    ]
+    assert record.reasons[0].startswith("rejected refs/tinkops/workflows/wf-b: workflow wf-b")
+    assert audit_log.stat().st_mode & 0o777 == 0o600
+
+
+def test_hook_audits_acceptance_and_hands_record_over(scene: Scene, tmp_path: Path) -> None:
+    good = scene.event("wf-a", 0)
+    lines = [f"{scene.first['wf-a']} {good} {workflow_ref('wf-a')}\n"]
+    audit_log = tmp_path / "audit.log"
+    handoff = tmp_path / "handoff.json"
+    environment = audited_environment(NODE_A, audit_log, TINKOPS_AUDIT_RECORD=str(handoff))
+
+    status = run_hook(scene.repo, environment, lines, io.StringIO())
+
+    assert status == 0
+    [record] = read_records(audit_log)
+    assert record.decision is Decision.ACCEPTED
+    assert record.reasons == ()
+    assert json.loads(handoff.read_text()) == record.to_dict()
+
+
+def test_hook_rejects_push_it_cannot_audit(scene: Scene, tmp_path: Path) -> None:
+    good = scene.event("wf-a", 0)
+    lines = [f"{scene.first['wf-a']} {good} {workflow_ref('wf-a')}\n"]
+    missing = tmp_path / "no-such-folder" / "audit.log"
+    handoff = tmp_path / "handoff.json"
+    environment = audited_environment(NODE_A, missing, TINKOPS_AUDIT_RECORD=str(handoff))
+    stderr = io.StringIO()
+
+    status = run_hook(scene.repo, environment, lines, stderr)
+
+    assert status == 1
+    assert "accepts no push that it cannot record in its audit log" in stderr.getvalue()
+    # The pusher does not learn the provisioner's paths, but the record for the server has them.
+    assert str(tmp_path) not in stderr.getvalue()
+    handed_over = json.loads(handoff.read_text())
+    assert handed_over["decision"] == "rejected"
+    assert (
+        f"writing the audit log failed: [Errno 2] No such file or directory: '{missing}'"
+        in (handed_over["reasons"][-1])
+    )
+
+
+class BrokenRepo(GitRepo):
+    """A repository whose reads fail, as on a full or failing disk."""
+
+    def read_file(self, rev: str, path: str) -> bytes | None:
+        raise OSError(f"cannot read {rev}:{path} in /srv/secret-layout")
+
+
+def test_hook_fails_closed_on_policy_error(scene: Scene, tmp_path: Path) -> None:
+    good = scene.event("wf-a", 0)
+    lines = [f"{scene.first['wf-a']} {good} {workflow_ref('wf-a')}\n"]
+    audit_log = tmp_path / "audit.log"
+    environment = audited_environment(NODE_A, audit_log, TINKOPS_MAIN_BRANCH="main")
+    stderr = io.StringIO()
+
+    status = run_hook(BrokenRepo(scene.repo.path), environment, lines, stderr)
+
+    assert status == 1
+    assert "the push policy could not check it" in stderr.getvalue()
+    assert "/srv/secret-layout" not in stderr.getvalue()
+    [record] = read_records(audit_log)
+    assert record.decision is Decision.REJECTED
+    assert "/srv/secret-layout" in record.reasons[-1]
+
+
+def test_hook_reads_policy_settings(scene: Scene, tmp_path: Path) -> None:
+    unrelated = operator_commit(scene, None, b"rewritten\n")
+    lines = [f"{scene.main} {unrelated} refs/heads/main\n"]
+    audit_log = tmp_path / "audit.log"
+
+    forced = audited_environment(
+        OPERATOR, audit_log, TINKOPS_ALLOW_FORCE_PUSH_MAIN="true", TINKOPS_MAIN_BRANCH="main"
+    )
+    other_main = audited_environment(OPERATOR, audit_log, TINKOPS_MAIN_BRANCH="trunk")
+    default = audited_environment(OPERATOR, audit_log)
+
+    assert run_hook(scene.repo, forced, lines, io.StringIO()) == 0
+    assert run_hook(scene.repo, other_main, lines, io.StringIO()) == 0
+    assert run_hook(scene.repo, default, lines, io.StringIO()) == 1
 
 
 def test_hook_allows_push_without_role(scene: Scene) -> None:

@@ -22,6 +22,7 @@ import paramiko
 import pytest
 
 from tests.conftest import need
+from tinkops.gitsession import CommandRejected, GitService, RefCommandReader, parse_git_command
 from tinkops.identities import (
     Principal,
     Role,
@@ -29,7 +30,9 @@ from tinkops.identities import (
     generate_ed25519_key,
     key_fingerprint,
 )
-from tinkops.sshserver import CommandRejected, GitService, GitSSHServer, parse_git_command
+from tinkops.limits import ServerLimits
+from tinkops.prereceive import HookSettings
+from tinkops.sshserver import GitSSHServer
 from tinkops.workflows import write_workflow_commit
 from tinkops_agent.eventlog import append_event
 from tinkops_agent.gitrepo import GitRepo, Identity, TreeEntry, init_bare
@@ -254,6 +257,17 @@ def test_parse_command_accepts_git_forms(command: str, service: GitService) -> N
         "git-upload-pack 'tinkops.git'\0",
         "git-upload-pack 'tinkops.git",
         "git-upload-pack tinkops.git\\ x",
+        "git-upload-pack -- 'tinkops.git'",
+        "git -- upload-pack 'tinkops.git'",
+        "git-upload-pack --help",
+        "git --exec-path=/tmp upload-pack 'tinkops.git'",
+        "git-upload-pack '/./tinkops.git'",
+        "git-upload-pack '~root/tinkops.git'",
+        "git-upload-pack '\uff54inkops.git'",
+        "git\u2010upload-pack 'tinkops.git'",
+        "git-upload-pack 'tinkops.git' # comment",
+        "git-upload-pack\t'tinkops.git'",
+        "git-upload-pack '" + "a" * 1100 + "'",
     ],
 )
 def test_parse_command_rejects(command: str) -> None:
@@ -264,6 +278,58 @@ def test_parse_command_rejects(command: str) -> None:
 def test_parse_command_rejects_non_utf8() -> None:
     with pytest.raises(CommandRejected, match="UTF-8"):
         parse_git_command(b"git-upload-pack '\xff'", "tinkops.git")
+    # An overlong encoding of "/" is not UTF-8 either.
+    with pytest.raises(CommandRejected, match="UTF-8"):
+        parse_git_command(b"git-upload-pack '\xc0\xaftinkops.git'", "tinkops.git")
+
+
+def pkt_line(text: bytes) -> bytes:
+    return f"{len(text) + 4:04x}".encode() + text
+
+
+def test_ref_command_reader_reads_push_commands() -> None:
+    old, new = "a" * 40, "b" * 40
+    stream = (
+        pkt_line(f"shallow {'c' * 40}\n".encode())
+        + pkt_line(f"{old} {new} refs/heads/main\0report-status side-band-64k\n".encode())
+        + pkt_line(f"{new} {'0' * 40} refs/heads/old\n".encode())
+        + b"0000"
+        + b"PACK\x00\x00\x00\x02"
+    )
+    reader = RefCommandReader()
+
+    # The client's stream arrives in pieces of any size.
+    for start in range(0, len(stream), 7):
+        reader.feed(stream[start : start + 7])
+
+    assert reader.complete
+    assert reader.updates == [
+        (old, new, "refs/heads/main"),
+        (new, "0" * 40, "refs/heads/old"),
+    ]
+
+
+@pytest.mark.parametrize(
+    "stream",
+    [b"zzzz", b"0003", pkt_line(b"push-cert\0caps\n") + b"0000"],
+)
+def test_ref_command_reader_stops_at_unexpected_data(stream: bytes) -> None:
+    reader = RefCommandReader()
+
+    reader.feed(stream)
+
+    assert not reader.complete
+    assert reader.updates == []
+
+
+def test_ref_command_reader_bounded() -> None:
+    line = pkt_line(f"{'a' * 40} {'b' * 40} refs/heads/x\n".encode())
+    reader = RefCommandReader(max_bytes=10 * len(line))
+
+    reader.feed(line * 100)
+
+    assert not reader.complete
+    assert len(reader.updates) == 10
 
 
 # --- fetch and push with stock git ----------------------------------------------------------
@@ -312,6 +378,70 @@ def test_operator_push_to_main_reaches_on_push(served: Served, tmp_path: Path) -
     )
 
 
+def rewrite_main(served: Served, target: Path) -> str:
+    """Clone as the operator and commit a history that does not contain main."""
+    clone(served, "operator", target)
+    subprocess.run(["git", "checkout", "-q", "--orphan", "new"], cwd=target, check=True)
+    subprocess.run(["git", "commit", "-q", "-m", "Rewrite"], cwd=target, check=True)
+    return subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=target, capture_output=True, text=True, check=True
+    ).stdout.strip()
+
+
+def test_operator_force_push_main_rejected(served: Served, tmp_path: Path) -> None:
+    rewritten = rewrite_main(served, tmp_path / "clone")
+
+    result = served.git(
+        "operator", "push", "--force", "origin", "HEAD:main", cwd=tmp_path / "clone"
+    )
+
+    assert result.returncode != 0
+    assert "moves only by fast-forward" in result.stderr
+    assert served.repo.rev_parse("refs/heads/main") == served.main != rewritten
+
+
+@pytest.mark.parametrize(
+    "served", [{"hook_settings": HookSettings(allow_force_push_main=True)}], indirect=True
+)
+def test_operator_force_push_main_configured(served: Served, tmp_path: Path) -> None:
+    rewritten = rewrite_main(served, tmp_path / "clone")
+
+    forced = served.git(
+        "operator", "push", "--force", "origin", "HEAD:main", cwd=tmp_path / "clone"
+    )
+    deleted = served.git("operator", "push", "origin", ":main", cwd=tmp_path / "clone")
+
+    assert forced.returncode == 0, forced.stderr
+    assert served.repo.rev_parse("refs/heads/main") == rewritten
+    assert deleted.returncode != 0
+    assert served.repo.rev_parse("refs/heads/main") == rewritten
+
+
+def test_hooks_path_in_repository_config_ignored(
+    served: Served, agent_repo: GitRepo, tmp_path: Path
+) -> None:
+    # A hooks folder elsewhere, without the policy hook, named in the served repository's own
+    # configuration: receive-pack still runs the policy.
+    empty = tmp_path / "no-hooks"
+    empty.mkdir()
+    served.repo.run("config", "core.hooksPath", str(empty))
+    commit = worker_event(served, agent_repo, "wf-a", WORKER_A, 0)
+
+    result = served.git(
+        "worker-a",
+        "-C",
+        str(agent_repo.path),
+        "push",
+        "--force",
+        served.url,
+        f"{commit}:refs/heads/main",
+    )
+
+    assert result.returncode != 0
+    assert "tinkops: rejected refs/heads/main" in result.stderr
+    assert served.repo.rev_parse("refs/heads/main") == served.main
+
+
 def test_operator_cannot_push_workflow_ref(served: Served, tmp_path: Path) -> None:
     target = tmp_path / "clone"
     clone(served, "operator", target)
@@ -355,7 +485,7 @@ def test_password_none_and_interactive_auth_rejected(served: Served) -> None:
         transport.close()
 
 
-@pytest.mark.parametrize("served", [{"max_auth_attempts": 2}], indirect=True)
+@pytest.mark.parametrize("served", [{"limits": ServerLimits(max_auth_attempts=2)}], indirect=True)
 def test_auth_attempts_limited(served: Served) -> None:
     transport = served.paramiko_client(key=None)
     try:
@@ -372,7 +502,7 @@ def test_auth_attempts_limited(served: Served) -> None:
         transport.close()
 
 
-@pytest.mark.parametrize("served", [{"login_timeout": 0.5}], indirect=True)
+@pytest.mark.parametrize("served", [{"limits": ServerLimits(login_timeout=0.5)}], indirect=True)
 def test_silent_client_disconnected(served: Served) -> None:
     with socket.create_connection(("127.0.0.1", served.server.port), timeout=10) as sock:
         sock.recv(256)  # the server's version banner
@@ -382,7 +512,7 @@ def test_silent_client_disconnected(served: Served) -> None:
         assert time.monotonic() - started < 5
 
 
-@pytest.mark.parametrize("served", [{"idle_timeout": 0.5}], indirect=True)
+@pytest.mark.parametrize("served", [{"limits": ServerLimits(idle_timeout=0.5)}], indirect=True)
 def test_idle_connection_closed(served: Served) -> None:
     transport = served.paramiko_client()
     try:
@@ -390,6 +520,32 @@ def test_idle_connection_closed(served: Served) -> None:
         while transport.is_active() and time.monotonic() < deadline:
             time.sleep(0.05)
         assert not transport.is_active()
+    finally:
+        transport.close()
+
+
+@pytest.mark.parametrize(
+    "served",
+    [{"limits": ServerLimits(max_connection_time=1.0, idle_timeout=60.0)}],
+    indirect=True,
+)
+def test_connection_time_limited(served: Served) -> None:
+    transport = served.paramiko_client()
+    try:
+        channel = transport.open_session(timeout=10)
+        channel.exec_command("git-upload-pack 'tinkops.git'")
+        # upload-pack advertises its refs and waits: the command is busy, not idle.
+        assert channel.recv(4)
+        started = time.monotonic()
+        channel.settimeout(10)
+        while channel.recv(4096):
+            pass
+        deadline = time.monotonic() + 5
+        while transport.is_active() and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+        assert not transport.is_active()
+        assert time.monotonic() - started < 5
     finally:
         transport.close()
 
@@ -479,7 +635,7 @@ def test_shell_pty_and_subsystem_rejected(served: Served, tmp_path: Path) -> Non
 def test_forwarding_rejected(
     served: Served, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="tinkops.sshserver")
+    caplog.set_level(logging.INFO, logger="tinkops")
     transport = served.paramiko_client()
     try:
         with pytest.raises(paramiko.SSHException):
@@ -524,7 +680,7 @@ def first_packet(transport: paramiko.Transport, environment: dict[str, str]) -> 
 def test_only_git_protocol_variable_accepted(
     served: Served, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="tinkops.sshserver")
+    caplog.set_level(logging.INFO, logger="tinkops")
     transport = served.paramiko_client()
     try:
         accepted = first_packet(
@@ -543,7 +699,9 @@ def test_only_git_protocol_variable_accepted(
         assert any(f"environment variable '{name}'" in message for message in messages)
 
 
-@pytest.mark.parametrize("served", [{"max_sessions_per_key": 1}], indirect=True)
+@pytest.mark.parametrize(
+    "served", [{"limits": ServerLimits(max_sessions_per_key=1)}], indirect=True
+)
 def test_sessions_per_key_limited(served: Served) -> None:
     transport = served.paramiko_client()
     try:

@@ -54,6 +54,8 @@ class ProvisionerConfig:
     itself (the agent records it at the deadline when it is alive)."""
     allow_force_push_main: bool = False
     """Let operators push a main branch that does not contain the current one (a rewrite)."""
+    archive_after_days: float | None = None
+    """Move finished workflows older than this to refs/tinkops/archive/ (None: never)."""
     limits: ServerLimits = field(default_factory=ServerLimits)
     operators: list[Operator] = field(default_factory=list)
 
@@ -77,6 +79,7 @@ class ProvisionerConfig:
             "poll_interval": self.poll_interval,
             "timeout_grace": self.timeout_grace,
             "allow_force_push_main": self.allow_force_push_main,
+            "archive_after_days": self.archive_after_days,
             "limits": self.limits.to_mapping(),
             "operators": [{"name": op.name, "key": op.key} for op in self.operators],
         }
@@ -111,6 +114,11 @@ class ProvisionerConfig:
                 poll_interval=float(data.get("poll_interval", 30.0)),
                 timeout_grace=float(data.get("timeout_grace", 10.0)),
                 allow_force_push_main=force_push,
+                archive_after_days=(
+                    None
+                    if data.get("archive_after_days") is None
+                    else float(data["archive_after_days"])
+                ),
                 limits=ServerLimits.from_mapping(data.get("limits") or {}, str(path)),
                 operators=operators,
             )

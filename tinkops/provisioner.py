@@ -85,6 +85,7 @@ class Provisioner:
             on_pass=lambda seconds, result: self.metrics.record_pass(
                 seconds, len(result.created) if result else 0, failed=result is None
             ),
+            archive_after_days=config.archive_after_days,
         )
         host_key = paramiko.Ed25519Key.from_private_key_file(str(config.host_key_path))
         self.host_key_line = f"{host_key.get_name()} {host_key.get_base64()}"

@@ -113,9 +113,15 @@ class Provisioner:
 
     def start(self) -> None:
         install_hooks(self.config.repository)
+        try:
+            self.server.start()
+        except OSError as error:
+            raise ConfigError(
+                f"cannot listen on {self.config.listen}:{self.config.port} ({error.strerror}); "
+                "stop the process using it or choose another port with --port"
+            ) from error
         self.loop.start(watch=self.config.repository)
         self.loop.trigger()
-        self.server.start()
         if self.metrics_server is not None:
             self.metrics_server.start()
             log.info(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import socket
 from pathlib import Path
 
 import pytest
@@ -92,3 +93,16 @@ def test_provisioner_passes_settings_to_server(home: Path) -> None:
     assert provisioner.server.hook_settings == HookSettings(
         main_branch="main", allow_force_push_main=True, audit_log=home / "audit.log"
     )
+
+
+def test_port_in_use_is_one_clear_error(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        init_home(tmp_path / "home", port=port)
+        provisioner = Provisioner(ProvisionerConfig.load(tmp_path / "home"))
+        with pytest.raises(ConfigError) as caught:
+            provisioner.start()
+    assert f"cannot listen on 127.0.0.1:{port}" in str(caught.value)
+    assert "choose another port with --port" in str(caught.value)

@@ -34,11 +34,19 @@ from tinkops.workflows import (
 )
 from tinkops.yamltext import dump
 from tinkops_agent.gitrepo import GitRepo, TreeEntry
-from tinkops_agent.protocol import STATUS_REF, State, Workflow, workflow_ref
+from tinkops_agent.protocol import (
+    SIGNED_EVENTS_FIELD,
+    STATUS_FILE,
+    STATUS_REF,
+    State,
+    Workflow,
+    workflow_ref,
+)
 
 log = logging.getLogger(__name__)
 
-STATUS_FILE = "status.yaml"
+MAX_INVALID_EVENTS = 20
+"""The maximum number of invalid events the status keeps per workflow (the latest ones)."""
 
 
 def precise_now() -> str:
@@ -55,6 +63,10 @@ class ReconcilerStatus:
     updated_at: str = ""
     invalid_files: dict[str, list[str]] = field(default_factory=dict)
     failed_requests: dict[str, list[str]] = field(default_factory=dict)
+    require_signed_events: bool = False
+    """Agents read this to decide whether to sign their events."""
+    invalid_events: dict[str, list[str]] = field(default_factory=dict)
+    """Commits of workflow refs that were not validly signed events, by workflow id."""
 
     def to_yaml(self) -> str:
         return dump(
@@ -64,6 +76,8 @@ class ReconcilerStatus:
                 "updated_at": self.updated_at,
                 "invalid_files": self.invalid_files,
                 "failed_requests": self.failed_requests,
+                SIGNED_EVENTS_FIELD: self.require_signed_events,
+                "invalid_events": self.invalid_events,
             }
         )
 
@@ -78,6 +92,8 @@ class ReconcilerStatus:
             failed_requests={
                 str(k): list(v) for k, v in (data.get("failed_requests") or {}).items()
             },
+            require_signed_events=data.get(SIGNED_EVENTS_FIELD) is True,
+            invalid_events={str(k): list(v) for k, v in (data.get("invalid_events") or {}).items()},
         )
 
 
@@ -108,11 +124,15 @@ class Reconciler:
         branch: str = "main",
         clock: Callable[[], str] = precise_now,
         timeout_grace: float = DEFAULT_GRACE,
+        require_signed_events: bool = False,
     ) -> None:
         self.repo = repo
         self.branch = branch
         self.clock = clock
         self.timeout_grace = timeout_grace
+        self.require_signed_events = require_signed_events
+        self.invalid_events: dict[str, list[str]] = {}
+        """Invalid events found since the last status write; the next pass records them."""
         # Bare repositories get their objects written directly, in one pack per pass.
         self.writer = ObjectWriter(repo.path) if (repo.path / "objects").is_dir() else None
         self.reader = IncrementalReader(repo)
@@ -121,6 +141,17 @@ class Reconciler:
         # the ids rendered so far, and the requests still waiting (failed, or not yet seen).
         self._rendered: set[str] | None = None
         self._pending: set[str] = set()
+        self._rescan = False
+
+    def forget_refs(self) -> None:
+        """Make the next pass list the workflow refs again and consider every request.
+
+        Call it after something other than this reconciler rewrote the refs, such as a fetch
+        from the remote in remote mode.
+        """
+        with self._lock:
+            self._rendered = None
+            self._rescan = True
 
     def reconcile(self) -> PassResult:
         """Run one pass; safe to call from several threads (passes run one at a time)."""
@@ -140,7 +171,8 @@ class Reconciler:
             # Archived workflows keep their requests on main; they must never render again.
             self._rendered = set(list_workflow_ids(self.repo)) | set(archived_ids(self.repo))
         rendered = self._rendered
-        if self.reader.changed is None:
+        if self.reader.changed is None or self._rescan:
+            self._rescan = False
             candidates = set(snapshot.requests)
         else:
             changed = {
@@ -166,7 +198,10 @@ class Reconciler:
                 failed[workflow_id] = [str(problem) for problem in error.problems]
                 if status.failed_requests.get(workflow_id) != failed[workflow_id]:
                     log.warning(
-                        "request %s not rendered: %s", request.file, "; ".join(failed[workflow_id])
+                        "request %s not rendered: %s",
+                        request.file,
+                        "; ".join(failed[workflow_id]),
+                        extra={"workflow": workflow_id, "request": request.file},
                     )
                 continue
             rendered_now.append(
@@ -188,6 +223,7 @@ class Reconciler:
                     workflow.request,
                     tip[:12],
                     commit[:12],
+                    extra={"workflow": workflow.id, "commit": commit, "request": workflow.request},
                 )
 
         self._write_status(status, tip, snapshot.problems, failed)
@@ -211,10 +247,13 @@ class Reconciler:
         invalid: dict[str, list[str]] = {}
         for problem in problems:
             invalid.setdefault(problem.file, []).append(str(problem))
+        invalid_events = _merge_invalid_events(previous.invalid_events, self.invalid_events)
         if (
             previous.reconciled_commit == tip
             and previous.invalid_files == invalid
             and previous.failed_requests == failed
+            and previous.require_signed_events == self.require_signed_events
+            and previous.invalid_events == invalid_events
         ):
             return
         for file, messages in invalid.items():
@@ -226,6 +265,8 @@ class Reconciler:
             updated_at=self.clock(),
             invalid_files=invalid,
             failed_requests=failed,
+            require_signed_events=self.require_signed_events,
+            invalid_events=invalid_events,
         )
         blob = self.repo.write_blob(status.to_yaml().encode())
         root = self.repo.write_root(None, {STATUS_FILE: TreeEntry("100644", "blob", blob)})
@@ -233,8 +274,21 @@ class Reconciler:
             root, [], f"Reconcile {self.branch} at {tip[:12]}\n", RECONCILER
         )
         old = self.repo.rev_parse(STATUS_REF)
-        if not self.repo.update_ref(STATUS_REF, commit, old):
+        if self.repo.update_ref(STATUS_REF, commit, old):
+            self.invalid_events = {}
+        else:
             log.info("status ref moved during the pass; the next pass rewrites it")
+
+
+def _merge_invalid_events(
+    recorded: dict[str, list[str]], found: dict[str, list[str]]
+) -> dict[str, list[str]]:
+    merged = {workflow: list(messages) for workflow, messages in recorded.items()}
+    for workflow, messages in found.items():
+        known = merged.setdefault(workflow, [])
+        known += [message for message in messages if message not in known]
+        merged[workflow] = known[-MAX_INVALID_EVENTS:]
+    return merged
 
 
 class ReconcileLoop:

@@ -136,7 +136,13 @@ def _end(repo: GitRepo, head: WorkflowHead, state: State, message: str) -> bool:
             state.value,
         )
         return False
-    log.warning("workflow %s ended %s: %s", head.workflow.id, state.value, message)
+    log.warning(
+        "workflow %s ended %s: %s",
+        head.workflow.id,
+        state.value,
+        message,
+        extra={"workflow": head.workflow.id, "commit": commit},
+    )
     return True
 
 

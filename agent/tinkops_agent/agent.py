@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import random
 import shutil
 import socket
 import threading
@@ -79,6 +80,14 @@ class AgentConfig:
     max_retry_delay: float = 30.0
     cancel_check_interval: float = 2.0
     """Seconds between checks, while an action runs, for the provisioner ending the workflow."""
+    poll_jitter: float = 0.1
+    """Each idle wait is ``poll_interval`` times a random factor within 1 ± this fraction, so
+    agents that start together do not keep polling together."""
+    sign_events: bool | None = None
+    """Sign event commits with ``signing_key``: True always, False never, None when the
+    provisioner's status requires signed events."""
+    signing_key: Path | None = None
+    """The private SSH key that signs events (the key the agent authenticates with)."""
 
 
 class Agent:
@@ -131,8 +140,12 @@ class Agent:
             except Stopping:
                 break
             if not worked:
-                self.stop.wait(delay)
+                self.stop.wait(self._jittered(delay))
         log.info("agent %s stopped", self.worker)
+
+    def _jittered(self, delay: float) -> float:
+        spread = max(0.0, min(self.config.poll_jitter, 1.0))
+        return delay * random.uniform(1 - spread, 1 + spread)
 
     def step(self) -> bool:
         """Run the first workflow whose turn it is; return whether anything ran."""
@@ -503,12 +516,31 @@ class Agent:
         event: Event,
         ephemeral: dict[str, bytes] | None,
     ) -> WorkflowHead:
-        commit = append_event(self.local, head.commit, status, event, self.identity, ephemeral)
+        commit = append_event(
+            self.local,
+            head.commit,
+            status,
+            event,
+            self.identity,
+            ephemeral,
+            signing_key=self._signing_key(),
+        )
         # The outbox ref makes the event durable before it leaves the machine.
         self.local.run("update-ref", OUTBOX + head.workflow.id, commit)
         self._deliver(head.workflow.id, commit)
         log.info("workflow %s: %s", head.workflow.id, event.subject())
         return WorkflowHead(commit, head.workflow, status)
+
+    def _signing_key(self) -> Path | None:
+        """Return the key to sign the next event with, or None to leave it unsigned."""
+        sign = self.config.sign_events
+        if sign is None:
+            sign = self.remote.signatures_required
+        if not sign:
+            return None
+        if self.config.signing_key is None:
+            log.error("the provisioner requires signed events, but no signing key is configured")
+        return self.config.signing_key
 
     def _deliver(self, workflow_id: str, commit: str) -> None:
         delay = 0.2

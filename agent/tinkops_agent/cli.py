@@ -96,6 +96,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds allowed to actions whose "
         "timeout is 0 or missing; 0 means no limit (default 3600)",
     )
+    parser.add_argument(
+        "--sign-events",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="sign each event commit with --key (git's SSH signature format); default: sign "
+        "when the provisioner's status requires signed events",
+    )
     parser.add_argument("--once", action="store_true", help="run what is runnable now, then exit")
     parser.add_argument("--verbose", "-v", action="store_true", help="log debug messages")
     return parser
@@ -219,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
         state_dir=state_dir,
         poll_interval=float(options["poll_interval"]),
         default_action_timeout=timeout if timeout > 0 else None,
+        sign_events=_optional_bool(options.get("sign_events"), "sign_events"),
+        signing_key=key,
     )
     stop = threading.Event()
     agent = Agent(config, local, remote, make_runtime(options), stop)
@@ -243,6 +252,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     agent.run()
     return 0
+
+
+def _optional_bool(value: object, name: str) -> bool | None:
+    if value is None or isinstance(value, bool):
+        return value
+    raise SystemExit(f"tinkops-agent: {name} is {value!r}; expected true or false")
 
 
 def _local_repository(path: Path) -> GitRepo:

@@ -6,6 +6,7 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 
 import yaml
 
@@ -95,10 +96,13 @@ def append_event(
     event: Event,
     identity: Identity,
     ephemeral: Mapping[str, bytes] | None = None,
+    *,
+    signing_key: Path | None = None,
 ) -> str:
     """Write the commit recording ``event`` on top of ``parent`` and return its id.
 
     ``ephemeral`` replaces the whole ephemeral data folder; None keeps the parent's.
+    ``signing_key`` signs the commit with that SSH private key (git's SSH signature format).
     No ref moves here: the caller publishes the commit with a compare-and-swap.
     """
     replacements: dict[str, TreeEntry | None] = {
@@ -111,7 +115,9 @@ def append_event(
         else:
             replacements[EPHEMERAL_DIR] = None
     root = repo.write_root(parent, replacements)
-    return repo.commit_tree(root, [parent], format_event_message(event), identity)
+    return repo.commit_tree(
+        root, [parent], format_event_message(event), identity, signing_key=signing_key
+    )
 
 
 def read_events(repo: GitRepo, ref: str) -> list[tuple[str, Event]]:

@@ -20,6 +20,10 @@ from typing import Any
 WORKFLOW_REF_PREFIX = "refs/tinkops/workflows/"
 QUEUE_REF_PREFIX = "refs/tinkops/queue/"
 STATUS_REF = "refs/tinkops/status"
+# The reconciler's status document on STATUS_REF, and its field that tells agents whether the
+# provisioner accepts only events signed with the worker's SSH key.
+STATUS_FILE = "status.yaml"
+SIGNED_EVENTS_FIELD = "require_signed_events"
 
 WORKFLOW_FILE = "workflow.yaml"
 STATE_FILE = "state.json"

@@ -17,13 +17,25 @@ from enum import Enum
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import yaml
+
 from tinkops_agent.gitrepo import GitError, GitRepo
-from tinkops_agent.protocol import queue_prefix, workflow_ref
+from tinkops_agent.protocol import (
+    SIGNED_EVENTS_FIELD,
+    STATUS_FILE,
+    STATUS_REF,
+    queue_prefix,
+    workflow_ref,
+)
 
 log = logging.getLogger(__name__)
 
 LOCAL_QUEUE = "refs/provisioner/queue/"
 LOCAL_WORKFLOWS = "refs/provisioner/workflows/"
+LOCAL_STATUS = "refs/provisioner/status"
+# The status ref is fetched with a pattern, which matches nothing when the ref does not
+# exist yet; a fetch that names a missing ref exactly fails as a whole.
+_STATUS_REFSPEC = f"+{STATUS_REF}*:{LOCAL_STATUS}*"
 
 
 class HostKeyError(RuntimeError):
@@ -161,14 +173,35 @@ class Remote:
         self.local = local
         self.url = url
         self.env = {"GIT_SSH_COMMAND": ssh, "GIT_PROTOCOL": "version=2"}
+        self._status_commit: str | None = None
+        self._signatures_required = False
 
     def fetch_queue(self, worker: str) -> dict[str, str]:
-        """Fetch this worker's queue and return ``{workflow id: first commit}``."""
+        """Fetch this worker's queue and return ``{workflow id: first commit}``.
+
+        The provisioner's status ref comes along in the same fetch, for
+        ``signatures_required``.
+        """
         prefix = queue_prefix(worker)
         self._git(
-            "fetch", "--quiet", "--prune", "--no-tags", self.url, f"+{prefix}*:{LOCAL_QUEUE}*"
+            "fetch",
+            "--quiet",
+            "--prune",
+            "--no-tags",
+            self.url,
+            f"+{prefix}*:{LOCAL_QUEUE}*",
+            _STATUS_REFSPEC,
         )
         return {ref[len(LOCAL_QUEUE) :]: sha for ref, sha in self.local.refs(LOCAL_QUEUE).items()}
+
+    @property
+    def signatures_required(self) -> bool:
+        """Whether the provisioner's status, as last fetched, requires signed events."""
+        commit = self.local.rev_parse(LOCAL_STATUS)
+        if commit != self._status_commit:
+            self._status_commit = commit
+            self._signatures_required = _requires_signatures(self.local, commit)
+        return self._signatures_required
 
     def fetch_workflows(self, workflow_ids: list[str]) -> dict[str, str]:
         """Fetch the tips of these workflows and return ``{id: tip commit}``."""
@@ -214,6 +247,18 @@ class Remote:
             raise ConnectionError(
                 f"git {args[0]} from the provisioner failed: {_last_lines(error.stderr)}"
             ) from error
+
+
+def _requires_signatures(repo: GitRepo, commit: str | None) -> bool:
+    text = repo.read_file(commit, STATUS_FILE) if commit else None
+    if text is None:
+        return False
+    try:
+        status = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        log.warning("the provisioner's %s is unreadable: %s", STATUS_FILE, error)
+        return False
+    return isinstance(status, dict) and status.get(SIGNED_EVENTS_FIELD) is True
 
 
 def _last_lines(text: str, count: int = 3) -> str:

@@ -56,6 +56,8 @@ class ProvisionerConfig:
     """Let operators push a main branch that does not contain the current one (a rewrite)."""
     archive_after_days: float | None = None
     """Move finished workflows older than this to refs/tinkops/archive/ (None: never)."""
+    require_signed_events: bool = False
+    """Accept only worker events signed by a key of the worker's hardware record."""
     limits: ServerLimits = field(default_factory=ServerLimits)
     operators: list[Operator] = field(default_factory=list)
 
@@ -80,6 +82,7 @@ class ProvisionerConfig:
             "timeout_grace": self.timeout_grace,
             "allow_force_push_main": self.allow_force_push_main,
             "archive_after_days": self.archive_after_days,
+            "require_signed_events": self.require_signed_events,
             "limits": self.limits.to_mapping(),
             "operators": [{"name": op.name, "key": op.key} for op in self.operators],
         }
@@ -102,10 +105,13 @@ class ProvisionerConfig:
                 Operator(str(op["name"]), str(op["key"])) for op in data.get("operators") or []
             ]
             force_push = data.get("allow_force_push_main", False)
-            if not isinstance(force_push, bool):
-                raise ConfigError(
-                    f"{path}: allow_force_push_main is {force_push!r}; expected true or false"
-                )
+            signed = data.get("require_signed_events", False)
+            for key, flag in (
+                ("allow_force_push_main", force_push),
+                ("require_signed_events", signed),
+            ):
+                if not isinstance(flag, bool):
+                    raise ConfigError(f"{path}: {key} is {flag!r}; expected true or false")
             return cls(
                 home=home,
                 listen=str(data.get("listen", "127.0.0.1")),
@@ -114,6 +120,7 @@ class ProvisionerConfig:
                 poll_interval=float(data.get("poll_interval", 30.0)),
                 timeout_grace=float(data.get("timeout_grace", 10.0)),
                 allow_force_push_main=force_push,
+                require_signed_events=signed,
                 archive_after_days=(
                     None
                     if data.get("archive_after_days") is None

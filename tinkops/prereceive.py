@@ -41,6 +41,7 @@ DEFAULT_MAIN_BRANCH = "main"
 ENV_MAIN_BRANCH = "TINKOPS_MAIN_BRANCH"
 ENV_ALLOW_FORCE_PUSH_MAIN = "TINKOPS_ALLOW_FORCE_PUSH_MAIN"
 ENV_AUDIT_LOG = "TINKOPS_AUDIT_LOG"
+ENV_REQUIRE_SIGNED_EVENTS = "TINKOPS_REQUIRE_SIGNED_EVENTS"
 ENV_AUDIT_RECORD = "TINKOPS_AUDIT_RECORD"
 """A file where the hook leaves its record for the SSH server, one per receive-pack."""
 ENV_REMOTE_ADDRESS = "TINKOPS_REMOTE_ADDRESS"
@@ -54,9 +55,14 @@ class HookSettings:
     """The branch operators may only fast-forward; None means the branch HEAD names."""
     allow_force_push_main: bool = False
     audit_log: Path | None = None
+    require_signed_events: bool = False
+    """Reject worker events that are not signed by a key of the worker's hardware record."""
 
     def environment(self) -> dict[str, str]:
-        environment = {ENV_ALLOW_FORCE_PUSH_MAIN: "true" if self.allow_force_push_main else "false"}
+        environment = {
+            ENV_ALLOW_FORCE_PUSH_MAIN: "true" if self.allow_force_push_main else "false",
+            ENV_REQUIRE_SIGNED_EVENTS: "true" if self.require_signed_events else "false",
+        }
         if self.main_branch:
             environment[ENV_MAIN_BRANCH] = self.main_branch
         if self.audit_log is not None:
@@ -71,6 +77,7 @@ class HookSettings:
             main_branch=environment.get(ENV_MAIN_BRANCH) or None,
             allow_force_push_main=environment.get(ENV_ALLOW_FORCE_PUSH_MAIN) == "true",
             audit_log=Path(audit_log) if audit_log else None,
+            require_signed_events=environment.get(ENV_REQUIRE_SIGNED_EVENTS) == "true",
         )
 
 
@@ -142,13 +149,19 @@ def _decide(
         return _Outcome(None, updates)
 
     try:
+        branch = settings.main_branch or main_branch(repo)
         rejections = check_push(
             principal,
             repo,
             updates,
-            main_branch=settings.main_branch or main_branch(repo),
+            main_branch=branch,
             allow_force_push_main=settings.allow_force_push_main,
         )
+        if settings.require_signed_events and not rejections:
+            # Loaded only when asked for: it reads hardware records, which costs import time.
+            from tinkops.signatures import check_signed_updates
+
+            rejections = check_signed_updates(repo, principal, updates, main_branch=branch)
     except Exception as error:
         # The hook fails closed: a git failure or a bug in the policy rejects the push.
         return _Outcome(

@@ -78,7 +78,12 @@ class Provisioner:
             if metrics_port is not None
             else None
         )
-        self.reconciler = Reconciler(self.repo, config.branch, timeout_grace=config.timeout_grace)
+        self.reconciler = Reconciler(
+            self.repo,
+            config.branch,
+            timeout_grace=config.timeout_grace,
+            require_signed_events=config.require_signed_events,
+        )
         self.loop = ReconcileLoop(
             self.reconciler,
             poll_interval=config.poll_interval,
@@ -103,6 +108,7 @@ class Provisioner:
             hook_settings=HookSettings(
                 main_branch=config.branch,
                 allow_force_push_main=config.allow_force_push_main,
+                require_signed_events=config.require_signed_events,
                 audit_log=config.audit_log_path,
             ),
         )

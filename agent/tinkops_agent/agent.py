@@ -65,6 +65,10 @@ class Superseded(Exception):
     """The workflow ref moved under the agent (the provisioner ended or cancelled it)."""
 
 
+class EventRejected(Exception):
+    """The provisioner refused an event although nothing moved: its policy said no."""
+
+
 class Stopping(Exception):
     """The agent was asked to stop while an event was still waiting to be delivered."""
 
@@ -109,6 +113,8 @@ class Agent:
             f"tinkops agent {self.worker}", f"{worker_key(self.worker)}@agents.tinkops.invalid"
         )
         self._started: set[tuple[str, int]] = set()
+        self._blocked: dict[str, float] = {}
+        """Workflow id: when to try again after the provisioner rejected one of its events."""
         # Several agents may serve one worker id by mistake; each knows its own actions by
         # this id, derived from the host and the state folder so it survives restarts.
         origin = f"{socket.gethostname()}:{config.state_dir.resolve()}"
@@ -158,7 +164,10 @@ class Agent:
             except ProtocolError as error:
                 log.error("workflow %s is unreadable, skipped: %s", workflow_id, error)
         heads.sort(key=lambda head: (head.workflow.created_at, head.workflow.id))
+        now = time.monotonic()
         for head in heads:
+            if self._blocked.get(head.workflow.id, 0.0) > now:
+                continue
             if runnable_by(head.workflow, head.status, self.worker):
                 try:
                     self.run_workflow(head)
@@ -166,6 +175,18 @@ class Agent:
                     log.warning(
                         "workflow %s changed on the provisioner: %s", head.workflow.id, error
                     )
+                except EventRejected as error:
+                    # Pushing the same event again gets the same answer: wait before retrying
+                    # this workflow, and let the others run meanwhile.
+                    log.error(
+                        "the provisioner rejected an event of workflow %s (%s); retrying it "
+                        "in %.0f s",
+                        head.workflow.id,
+                        error,
+                        self.config.max_retry_delay,
+                    )
+                    self._blocked[head.workflow.id] = now + self.config.max_retry_delay
+                    continue
                 return True
         return False
 
@@ -568,6 +589,8 @@ class Agent:
         self.local.delete_ref(OUTBOX + workflow_id)
         if tip is not None and self.local.is_ancestor(commit, tip):
             return  # An earlier attempt landed; nothing to do.
+        if tip is not None and tip == self.local.rev_parse(f"{commit}^"):
+            raise EventRejected(detail)
         raise Superseded(f"push rejected: {detail}")
 
     def replay_outbox(self) -> None:

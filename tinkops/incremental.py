@@ -154,6 +154,7 @@ class IncrementalReader:
         """Decide again which file holds each name of ``previous`` (name: the paths that had
         it before the change) and parse what is new."""
         snapshot = state.snapshot
+        choices: list[tuple[set[str], set[str], dict[str, str]]] = []
         for name, before in previous.items():
             self._forget(state, name, before)
             paths = state.by_name.get(name, set())
@@ -161,12 +162,17 @@ class IncrementalReader:
             wanted = _select({path: state.entries[path] for path in paths}, scratch)
             for problem in scratch.problems:
                 state.skipped[problem.file] = problem
-            missing = [
-                sha
-                for path, sha in wanted.items()
-                if not (path in state.parsed and state.parsed[path][0] == sha)
-            ]
-            contents = self.repo.read_blobs(missing) if missing else {}
+            choices.append((before, paths, wanted))
+
+        # One git process reads every new file, however many names changed.
+        missing = [
+            sha
+            for _before, _paths, wanted in choices
+            for path, sha in wanted.items()
+            if not (path in state.parsed and state.parsed[path][0] == sha)
+        ]
+        contents = self.repo.read_blobs(missing) if missing else {}
+        for before, paths, wanted in choices:
             for path, sha in wanted.items():
                 if path not in state.parsed or state.parsed[path][0] != sha:
                     state.parsed[path] = (sha, *_parse_guarded(path, contents[sha]))

@@ -8,10 +8,12 @@ with underscores); the command line wins. Exit codes: 0 stopped cleanly, 1 runti
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 import os
 import signal
 import sys
+import tempfile
 import threading
 from pathlib import Path
 from typing import Any
@@ -219,7 +221,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
     local = _local_repository(state_dir / "repository.git")
-    remote = Remote(local, options["provisioner"], ssh_command(key, known_hosts))
+    remote = Remote(
+        local,
+        options["provisioner"],
+        ssh_command(key, known_hosts, control_dir=_control_dir(state_dir)),
+    )
     timeout = float(options["default_timeout"])
     config = AgentConfig(
         worker_id=options["worker_id"],
@@ -258,6 +264,26 @@ def _optional_bool(value: object, name: str) -> bool | None:
     if value is None or isinstance(value, bool):
         return value
     raise SystemExit(f"tinkops-agent: {name} is {value!r}; expected true or false")
+
+
+def _control_dir(state_dir: Path) -> Path | None:
+    """Return a private folder for OpenSSH's shared connection, or None to connect each time.
+
+    Unix socket paths are limited to about 100 bytes, so the folder lives in /tmp under a
+    short name derived from the state folder rather than inside it.
+    """
+    digest = hashlib.sha256(str(state_dir).encode()).hexdigest()[:12]
+    folder = Path(tempfile.gettempdir()) / f"tinkops-ssh-{os.getuid()}-{digest}"
+    try:
+        folder.mkdir(mode=0o700, exist_ok=True)
+        info = folder.stat()
+    except OSError as error:
+        log.warning("cannot create %s (%s); connecting anew for every push", folder, error)
+        return None
+    if info.st_uid != os.getuid() or info.st_mode & 0o077:
+        log.warning("%s is not private to this user; connecting anew for every push", folder)
+        return None
+    return folder
 
 
 def _local_repository(path: Path) -> GitRepo:

@@ -91,6 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="network mode of action containers (default host)",
     )
     parser.add_argument("--docker-host", help="Docker engine URL (default: the environment's)")
+    parser.add_argument(
+        "--registry-credentials",
+        help="YAML file mapping registry hosts to {username, password}; each is sent only "
+        "to its own registry",
+    )
     parser.add_argument("--poll-interval", type=float, help="seconds between queue checks")
     parser.add_argument(
         "--default-timeout",
@@ -145,7 +150,34 @@ def make_runtime(options: dict[str, Any]) -> Runtime:
         base_url=options.get("docker_host"),
         pull=PullPolicy(options["pull"]),
         network_mode=options["network"],
+        registry_auth=load_registry_auth(options.get("registry_credentials")),
     )
+
+
+def load_registry_auth(path: str | None) -> dict[str, tuple[str, str]]:
+    """Read ``registry host: {username, password}`` pairs; each is sent to its registry only.
+
+    Raises SystemExit with the file and the fix when the file is unreadable or malformed.
+    """
+    if not path:
+        return {}
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as error:
+        raise SystemExit(
+            f"tinkops-agent: cannot read --registry-credentials {path}: {error}"
+        ) from None
+    if not isinstance(data, dict):
+        raise SystemExit(f"tinkops-agent: {path} must map registry hosts to credentials")
+    credentials: dict[str, tuple[str, str]] = {}
+    for registry, entry in data.items():
+        if not isinstance(entry, dict) or not {"username", "password"} <= set(entry):
+            raise SystemExit(
+                f"tinkops-agent: {path}: {registry!r} needs username and password, e.g. "
+                "'quay.io: {username: robot, password: secret}'"
+            )
+        credentials[str(registry)] = (str(entry["username"]), str(entry["password"]))
+    return credentials
 
 
 def show_logs(argv: list[str]) -> int:

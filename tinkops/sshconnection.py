@@ -343,7 +343,7 @@ class SSHConnection(paramiko.ServerInterface):
         session = GitSession(
             channel,
             service,
-            self.server.git_argv(service),
+            self.server.git_argv(service, principal.role),
             environment,
             self.server.repository,
             peer=self.peer,

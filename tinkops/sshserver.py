@@ -42,7 +42,13 @@ from tinkops.audit import (
 )
 from tinkops.errors import ConfigError
 from tinkops.gitsession import GitService, GitSession
-from tinkops.identities import KeyDirectory, Principal, key_fingerprint, principal_environment
+from tinkops.identities import (
+    KeyDirectory,
+    Principal,
+    Role,
+    key_fingerprint,
+    principal_environment,
+)
 from tinkops.limits import ServerLimits
 from tinkops.prereceive import (
     ENV_AUDIT_RECORD,
@@ -73,6 +79,17 @@ _WITHHELD_VARIABLES = frozenset(
 _POLL_SECONDS = 0.2
 # Connections rejected because the server is full are logged at most once per interval.
 _CROWDED_LOG_INTERVAL = 5.0
+
+
+_HIDDEN_FROM_OPERATORS = ("refs/tinkops/",)
+_HIDDEN_FROM_WORKERS = (
+    "refs/heads/",
+    "refs/tags/",
+    "refs/tinkops/queue/",
+    "refs/tinkops/status",
+    "refs/tinkops/archive/",
+    "refs/tinkops/rejected/",
+)
 
 
 class GitSSHServer:
@@ -343,11 +360,16 @@ class GitSSHServer:
 
     # --- git commands -----------------------------------------------------------------------
 
-    def git_argv(self, service: GitService) -> list[str]:
+    def git_argv(self, service: GitService, role: Role | None = None) -> list[str]:
         if service is GitService.UPLOAD_PACK:
             return [self._git, "upload-pack", "--strict", str(self.repository)]
+        # receive-pack has no protocol v2: it lists every ref it does not hide before a push.
+        # With one ref per workflow that list is long, so each role sees only the refs it
+        # may update (the policy rejects the others anyway, and git refuses hidden ones).
+        hidden = _HIDDEN_FROM_OPERATORS if role is Role.OPERATOR else _HIDDEN_FROM_WORKERS
         return [
             self._git,
+            *[arg for prefix in hidden for arg in ("-c", f"receive.hideRefs={prefix}")],
             # fsck rejects malformed objects (for example tree entries named ".." or ".git")
             # before they reach the repository that agents and operators check out.
             "-c",

@@ -42,7 +42,7 @@ def test_init_refuses_existing_home(home: Path) -> None:
 def test_template_list_and_get(home: Path) -> None:
     listing = tinkops("template", "list", "--repo", str(home)).stdout
     assert "hello-world" in listing
-    text = tinkops("template", "get", "hello-world", "--repo", str(home)).stdout
+    text = tinkops("template", "get", "hello-world", "--raw", "--repo", str(home)).stdout
     assert 'worker: "{{.device_1}}"' in text
 
 

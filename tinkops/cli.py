@@ -1,8 +1,8 @@
 """``tinkops``: the operator's command line.
 
 Exit codes: 0 success; 1 an error the message explains (invalid input, not found, a failed
-operation, a workflow that ended FAILED or TIMEOUT where a command waits for it); 2 a usage
-mistake (unknown option, missing argument).
+operation, a workflow that ended FAILED, TIMEOUT or CANCELLED where a command waits for
+it); 2 a usage mistake (unknown option, missing argument).
 """
 
 from __future__ import annotations
@@ -16,7 +16,16 @@ from typing import Annotated
 
 import typer
 
-from tinkops import cli_gitops, cli_hardware, cli_ops, cli_records
+from tinkops import (
+    cli_follow,
+    cli_gitops,
+    cli_hardware,
+    cli_lifecycle,
+    cli_ops,
+    cli_remote,
+    cli_template,
+    cli_workflow,
+)
 from tinkops.cli_common import console, fail
 from tinkops.errors import TinkopsError
 from tinkops.home import DEFAULT_PORT, ProvisionerConfig, init_home
@@ -27,13 +36,9 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=True,
+    # Plain help: typer's rich help marks every flag, --help included, as "<bool>".
+    rich_markup_mode=None,
 )
-app.add_typer(cli_records.workflow_app, name="workflow")
-app.add_typer(cli_records.template_app, name="template")
-app.add_typer(cli_hardware.hardware_app, name="hardware")
-app.command("validate")(cli_gitops.validate)
-app.command("diff")(cli_gitops.diff)
-cli_ops.register(app)
 
 HomeOption = Annotated[
     Path, typer.Option("--home", envvar="TINKOPS_HOME", help="provisioner home folder")
@@ -57,7 +62,10 @@ def init(
         ),
     ] = True,
 ) -> None:
-    """Create a provisioner: repository from the example layout, host key, operator key."""
+    """Create a provisioner home from the example layout.
+
+    The home contains the repository, the host key, an operator key and agent keys.
+    """
     report = init_home(
         home,
         include_requests=requests,
@@ -100,7 +108,8 @@ def serve(
     """Run the reconciler and the SSH endpoint until interrupted."""
     from tinkops.provisioner import Provisioner
 
-    config = ProvisionerConfig.load(home)
+    # git hooks run inside the repository, so every path they get must be absolute.
+    config = ProvisionerConfig.load(home.resolve())
     if listen is not None:
         config.listen = listen
     if port is not None:
@@ -134,12 +143,24 @@ def demo(
     runtime: Annotated[str, typer.Option(help="auto, docker or process")] = "auto",
     timeout: Annotated[float, typer.Option(help="seconds to wait for the workflow")] = 120.0,
 ) -> None:
-    """Run a real workflow end to end on this machine, with embedded defaults."""
+    """Run a real workflow end to end on this machine."""
     from tinkops.demo import run_demo
 
     state = run_demo(console, home=home, runtime=runtime, timeout=timeout)
     if state != "SUCCESS":
         raise typer.Exit(1)
+
+
+# Help lists commands in this order: the provisioner, the GitOps checks, then Tinkerbell's
+# groups. Importing cli_lifecycle and cli_follow adds their verbs to the workflow group.
+_WORKFLOW_MODULES = (cli_lifecycle, cli_follow)
+app.command("validate")(cli_gitops.validate)
+app.command("diff")(cli_gitops.diff)
+cli_ops.register(app)
+cli_remote.register(app)
+app.add_typer(cli_workflow.workflow_app, name="workflow")
+app.add_typer(cli_template.template_app, name="template")
+app.add_typer(cli_hardware.hardware_app, name="hardware")
 
 
 def _configure_logging(verbose: bool) -> None:
@@ -153,7 +174,7 @@ def _configure_logging(verbose: bool) -> None:
 def main() -> None:
     """Run the CLI, turning every tinkops error into one line on stderr and exit code 1."""
     try:
-        app()
+        app(prog_name="tinkops")
     except TinkopsError as error:
         fail(str(error))
 

@@ -65,7 +65,10 @@ def validate(
         ),
     ] = None,
 ) -> None:
-    """Check hardware, templates and requests; list every problem with its file and line."""
+    """Check the repository and list every problem.
+
+    Hardware, templates and requests are checked; each problem names its file and line.
+    """
     snapshot, repo = _read_target(target, repo_path)
     changes = _changes_since(repo, changed, snapshot) if changed else None
 
@@ -154,7 +157,10 @@ def diff(
         bool, typer.Option("--fetch/--no-fetch", help="fetch rendered workflows from origin")
     ] = True,
 ) -> None:
-    """Show the workflows that merging HEAD would render, and the requests that would fail."""
+    """Show what merging a change would render.
+
+    Lists the workflows that merging HEAD would render, and the requests that would fail.
+    """
     base_name, separator, head_name = revisions.partition("..")
     head_name = head_name.lstrip(".") or "HEAD"
     if not separator or not base_name:

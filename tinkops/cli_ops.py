@@ -32,7 +32,7 @@ def reconcile(
     branch: BranchOption = "main",
     repo_path: RepoOption = Path("."),
 ) -> None:
-    """Wait until the provisioner has reconciled the main branch as it is now.
+    """Wait until the provisioner has reconciled main.
 
     Exits 0 once the status ref names the current tip of main (or a later commit), 1 on
     timeout. With --once, run one pass against a local bare repository instead.
@@ -80,7 +80,10 @@ def status(
     branch: BranchOption = "main",
     repo_path: RepoOption = Path("."),
 ) -> None:
-    """Show the reconciler's progress, invalid files and workflows by state."""
+    """Show the reconciler's progress and workflows by state.
+
+    Lists the invalid files and the requests that failed to render too.
+    """
     repo = open_repo(repo_path)
     if has_origin(repo):
         repo.execute(

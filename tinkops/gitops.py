@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from tinkops.errors import TransportError
 from tinkops_agent.gitrepo import GitError, GitRepo, Identity
+from tinkops_agent.protocol import STATUS_REF, WORKFLOW_REF_PREFIX
 
 MAX_ATTEMPTS = 5
 
@@ -177,3 +178,40 @@ def fetch_workflow_refs(repo: GitRepo, workflow_ids: list[str] | None = None) ->
         if "couldn't find remote ref" in stderr:
             return
         raise TransportError(f"fetching workflows from origin failed: {stderr}")
+
+
+def fetch_state(repo: GitRepo, branch: str = "main", workflow_ids: list[str] | None = None) -> None:
+    """Fetch main, the reconciler's status and workflow refs (all, or these) in one go.
+
+    Does nothing without an ``origin``. A named workflow or the status ref that origin does
+    not have is left out, so one missing ref never keeps the others stale.
+    """
+    if not has_origin(repo):
+        return
+    refspecs = [
+        f"+refs/heads/{branch}:refs/remotes/origin/{branch}",
+        f"+{STATUS_REF}:{STATUS_REF}",
+    ]
+    if workflow_ids is None:
+        refspecs.append(f"+{WORKFLOW_REF_PREFIX}*:{WORKFLOW_REF_PREFIX}*")
+    else:
+        refspecs += [f"+{WORKFLOW_REF_PREFIX}{i}:{WORKFLOW_REF_PREFIX}{i}" for i in workflow_ids]
+    while True:
+        result = repo.execute("fetch", "--quiet", "--no-tags", "--prune", "origin", *refspecs)
+        if result.returncode == 0:
+            return
+        stderr = result.stderr.decode(errors="replace").strip()
+        missing = _missing_remote_ref(stderr)
+        remaining = [spec for spec in refspecs if not spec.startswith(f"+{missing}:")]
+        if missing is None or len(remaining) == len(refspecs):
+            raise TransportError(f"fetching from origin failed: {stderr}")
+        refspecs = remaining
+
+
+def _missing_remote_ref(stderr: str) -> str | None:
+    """Return the ref named by git's "couldn't find remote ref X" message, if that is the error."""
+    marker = "couldn't find remote ref "
+    for line in stderr.splitlines():
+        if marker in line:
+            return line.split(marker, 1)[1].strip()
+    return None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import signal
 import subprocess
@@ -59,7 +60,22 @@ def start_pass(repo: GitRepo) -> subprocess.Popen[bytes]:
         [sys.executable, "-m", "tinkops.cli", "reconcile", "--once", "--repo", str(repo.path)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
+        start_new_session=True,
     )
+
+
+def wait_for_orphans(group: int) -> None:
+    """Wait until git children of a killed pass have exited: a git command the pass started
+    finishes its own work (a ref transaction renames its refs one by one), and checking
+    while it runs would read a transaction half committed."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(group, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"processes of the killed pass {group} are still running")
 
 
 def test_sigkill_at_random_points(tmp_path: Path) -> None:
@@ -88,6 +104,7 @@ def test_sigkill_at_random_points(tmp_path: Path) -> None:
             kills += 1
         _, stderr = process.communicate()
         assert process.returncode in (0, -signal.SIGKILL), stderr.decode()
+        wait_for_orphans(process.pid)
         check_consistent(repo, requested, fsck=iteration % 10 == 9)
 
     assert kills >= ITERATIONS // 4, f"only {kills} runs were killed; the test proves little"

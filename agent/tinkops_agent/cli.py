@@ -306,6 +306,14 @@ def _control_dir(state_dir: Path) -> Path | None:
     """
     digest = hashlib.sha256(str(state_dir).encode()).hexdigest()[:12]
     folder = Path(tempfile.gettempdir()) / f"tinkops-ssh-{os.getuid()}-{digest}"
+    # OpenSSH names the socket with %C (40 characters) plus a 17-character temporary
+    # suffix while creating it; past 104 bytes the socket fails and every git command with
+    # it, so a long temporary folder means connecting anew for every push instead.
+    if len(str(folder)) + 1 + 40 + 17 > 104:
+        log.warning(
+            "%s is too long for an SSH control socket; connecting anew for every push", folder
+        )
+        return None
     try:
         folder.mkdir(mode=0o700, exist_ok=True)
         info = folder.stat()

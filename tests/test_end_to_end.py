@@ -173,7 +173,8 @@ def test_failing_action_ends_workflow_failed(
         ("fails", "STATE_RUNNING"),
         ("fails", "STATE_FAILED"),
     ]
-    assert "exit" in events[1]["message"] and "3" in events[1]["message"]
+    assert "exit" in events[1]["message"]
+    assert "3" in events[1]["message"]
     files = run_git(
         [
             "-C",

@@ -92,7 +92,7 @@ def choose_runtime(requested: str) -> tuple[str, list[str]]:
     except DockerException as error:
         if requested == "docker":
             raise TinkopsError(
-                f"no Docker engine answers ({error}); start one or use --runtime process"
+                f"no Docker engine responds ({error}); start one or use --runtime process"
             ) from error
         return "process", [
             "No Docker engine answers on this machine, so the demo falls back to the process "

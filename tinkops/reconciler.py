@@ -56,7 +56,7 @@ def precise_now() -> str:
 
 @dataclass
 class ReconcilerStatus:
-    """What the reconciler last did, stored on ``refs/tinkops/status`` as ``status.yaml``."""
+    """The reconciler's latest outcome, stored on ``refs/tinkops/status`` as ``status.yaml``."""
 
     branch: str
     reconciled_commit: str | None = None

@@ -66,7 +66,7 @@ class Superseded(Exception):
 
 
 class EventRejected(Exception):
-    """The provisioner refused an event although nothing moved: its policy said no."""
+    """The provisioner rejected an event although nothing moved, so its policy rejected it."""
 
 
 class Stopping(Exception):

@@ -65,7 +65,7 @@ def read_heads(repo: GitRepo, commits: list[str]) -> dict[str, WorkflowHead]:
         definition = contents[f"{commit}:{WORKFLOW_FILE}"]
         state = contents[f"{commit}:{STATE_FILE}"]
         if definition is None or state is None:
-            raise ProtocolError(f"commit {commit[:12]} holds no {WORKFLOW_FILE} or {STATE_FILE}")
+            raise ProtocolError(f"commit {commit[:12]} has no {WORKFLOW_FILE} or {STATE_FILE}")
         heads[commit] = WorkflowHead(
             commit, parse_definition(definition, commit), WorkflowStatus.from_json(state)
         )

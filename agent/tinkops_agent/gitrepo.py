@@ -17,7 +17,7 @@ ZERO_SHA = "0" * 40
 
 
 class GitError(RuntimeError):
-    """A git command failed; ``stderr`` holds what git printed."""
+    """A git command failed; ``stderr`` contains what git printed."""
 
     def __init__(self, args: Sequence[str], returncode: int, stderr: str) -> None:
         self.args_ = list(args)

@@ -1,7 +1,7 @@
 """The workflow ref format shared by the provisioner and the agent.
 
 Each rendered workflow lives on its own ref, ``refs/tinkops/workflows/<id>``. The first commit
-holds ``workflow.yaml`` (the rendered, immutable definition) and ``state.json``; every later
+contains ``workflow.yaml`` (the rendered, immutable definition) and ``state.json``; every later
 commit is one event that rewrites ``state.json`` and the ephemeral data under ``ephemeral/``.
 The commit message carries the event as git trailers, so ``git log`` reads as the history.
 
@@ -58,7 +58,7 @@ TERMINAL_STATES = frozenset({State.SUCCESS, State.FAILED, State.TIMEOUT, State.C
 
 
 class ProtocolError(ValueError):
-    """A workflow ref holds content that does not follow this format."""
+    """A workflow ref contains content that does not follow this format."""
 
 
 def normalize_mac(text: str) -> str:
